@@ -1,0 +1,67 @@
+//! Operations. Each op has a CPU twin in Rust (generic over [`Real`], so the same code is the
+//! cpu device's f32 implementation and the tests' f64 reference), a CUDA kernel of the same name
+//! in `cuda/`, and a backward; tests in `tests/` of the same name run it on every device.
+
+pub mod elementwise;
+pub mod reduce;
+
+use crate::device::Device;
+use crate::tensor::{Element, Tensor};
+use anyhow::{bail, Result};
+
+/// The float types the CPU twins are written for.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::iter::Sum
+{
+    /// Conversion from f64.
+    fn of(v: f64) -> Self;
+    /// e^self.
+    fn exp(self) -> Self;
+}
+impl Real for f32 {
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+impl Real for f64 {
+    fn of(v: f64) -> Self {
+        v
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+/// Elements per rayon task in the CPU twins: large enough that scheduling is noise.
+pub(crate) const CPU_CHUNK: usize = 1 << 14;
+
+/// Checks that every tensor of an op lives on one device and has the length the op expects;
+/// returns that device.
+pub(crate) fn same_device<'a>(op: &str, first: &'a Device, others: &[&Device]) -> Result<&'a Device> {
+    for d in others {
+        if !first.same(d) {
+            bail!("{op}: operands on different devices ({} and {})", first.name(), d.name());
+        }
+    }
+    Ok(first)
+}
+
+/// Checks a tensor's length.
+pub(crate) fn expect_len<T: Element>(op: &str, name: &str, t: &Tensor<T>, len: usize) -> Result<()> {
+    if t.len() != len {
+        bail!("{op}: {name} has shape {:?} ({} elements), expected {len} elements", t.shape(), t.len());
+    }
+    Ok(())
+}

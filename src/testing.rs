@@ -1,0 +1,280 @@
+//! Test support shared by the op tests, the shim tests and `hiermd demo`: fresh seeded random
+//! inputs, one test body run on every device, comparisons against an f64 reference, and
+//! central-difference gradient checks.
+//!
+//! Devices are chosen by `HIERMD_TEST_DEVICES` (default `cpu,emu,cuda`). A device listed by
+//! default but absent (cuda on a machine without a driver) is skipped and the reason printed; a
+//! device listed explicitly in the variable must run, so a GPU machine cannot pass by skipping.
+
+use crate::device::{CudaDevice, Device};
+use anyhow::{bail, Result};
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The SplitMix64 finaliser: a cheap, well-mixed hash of a 64-bit value.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A seed from the clock, so that every run draws fresh inputs.
+pub fn clock_seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    splitmix64(t ^ (std::process::id() as u64) << 32)
+}
+
+/// The seed of this test process: `HIERMD_TEST_SEED` to replay a failure, else from the clock.
+pub fn test_seed() -> u64 {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    *SEED.get_or_init(|| {
+        std::env::var("HIERMD_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(clock_seed)
+    })
+}
+
+/// A small, fast, seeded random generator (xoshiro256**).
+#[derive(Clone, Debug)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut s = [0u64; 4];
+        for v in &mut s {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            *v = splitmix64(z);
+        }
+        Self { s }
+    }
+
+    /// A generator for one test: the process seed mixed with the test's name, so tests draw
+    /// different inputs, all reproducible from the one printed seed.
+    pub fn for_test(name: &str) -> Self {
+        let h = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        Self::new(test_seed() ^ h)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        r
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+
+    /// Uniform integer in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// `n` normal values scaled by `scale`, as f32.
+    pub fn normal_vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n).map(|_| (self.normal() * scale) as f32).collect()
+    }
+}
+
+/// Whether a device can be opened here, and why not.
+pub enum Availability {
+    /// Opened.
+    Ready(Device),
+    /// Not available, with the reason.
+    Missing(String),
+}
+
+fn cuda_availability() -> Availability {
+    match CudaDevice::open(0) {
+        Ok(d) => Availability::Ready(Device::Cuda(d)),
+        Err(e) => Availability::Missing(format!("{e:#}")),
+    }
+}
+
+/// The devices tests run on, each with its availability; `required` is true for those listed
+/// explicitly in `HIERMD_TEST_DEVICES`.
+pub fn test_devices() -> Vec<(String, bool, Availability)> {
+    let (list, explicit) = match std::env::var("HIERMD_TEST_DEVICES") {
+        Ok(v) if !v.trim().is_empty() => (v, true),
+        _ => ("cpu,emu,cuda".to_string(), false),
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|name| {
+            let avail = match name {
+                "cpu" => Availability::Ready(Device::Cpu),
+                "emu" => Availability::Ready(Device::emu()),
+                "cuda" => cuda_availability(),
+                other => Availability::Missing(format!("unknown test device {other:?}")),
+            };
+            (name.to_string(), explicit, avail)
+        })
+        .collect()
+}
+
+/// Runs `body` on every test device. Prints one line naming the devices that ran and those
+/// skipped with the reason; panics if the body fails on any device, or if a required device is
+/// missing.
+pub fn run_on_devices(test: &str, body: impl Fn(&Device) -> Result<()>) {
+    let mut ran = Vec::new();
+    let mut skipped = Vec::new();
+    let mut failures = Vec::new();
+    for (name, required, avail) in test_devices() {
+        match avail {
+            Availability::Ready(dev) => {
+                let label = match &dev {
+                    Device::Emu(e) => format!("emu(seed {})", e.seed()),
+                    d => d.name(),
+                };
+                match body(&dev).and_then(|_| dev.synchronize()) {
+                    Ok(()) => ran.push(label),
+                    Err(e) => failures.push(format!("{label}: {e:#}")),
+                }
+            }
+            Availability::Missing(why) if required => {
+                failures.push(format!("{name}: required by HIERMD_TEST_DEVICES but {why}"))
+            }
+            Availability::Missing(why) => skipped.push(format!("{name} ({why})")),
+        }
+    }
+    println!(
+        "[{test}] seed {}: ran on {}; skipped {}",
+        test_seed(),
+        if ran.is_empty() { "nothing".into() } else { ran.join(", ") },
+        if skipped.is_empty() { "none".into() } else { skipped.join(", ") }
+    );
+    if !failures.is_empty() {
+        panic!(
+            "[{test}] failed (replay with HIERMD_TEST_SEED={}):\n  {}",
+            test_seed(),
+            failures.join("\n  ")
+        );
+    }
+}
+
+/// Defines a `#[test]` that runs its body on every test device:
+///
+/// ```ignore
+/// device_test!(silu_matches_reference, |dev| { ...; Ok(()) });
+/// ```
+#[macro_export]
+macro_rules! device_test {
+    ($name:ident, |$dev:ident| $body:block) => {
+        #[test]
+        fn $name() {
+            $crate::testing::run_on_devices(
+                stringify!($name),
+                |$dev: &$crate::Device| -> ::anyhow::Result<()> { $body },
+            );
+        }
+    };
+}
+
+/// Result of comparing values with a reference.
+#[derive(Clone, Copy, Debug)]
+pub struct Comparison {
+    /// Largest |got - want|.
+    pub max_abs: f64,
+    /// ||got - want|| / ||want|| (2-norms).
+    pub rel_l2: f64,
+}
+
+/// Checks `|got - want| <= atol + rtol * |want|` element by element (NaN never passes) and
+/// returns the error measures; the error names the worst element.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Result<Comparison> {
+    if got.len() != want.len() {
+        bail!("{what}: {} values, reference has {}", got.len(), want.len());
+    }
+    let (mut max_abs, mut num, mut den) = (0.0f64, 0.0f64, 0.0f64);
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        if !g.is_finite() {
+            bail!("{what}: element {i} is {g} (reference {w}): never written, or overflowed");
+        }
+        let d = (g - w).abs();
+        max_abs = max_abs.max(d);
+        num += d * d;
+        den += w * w;
+        let excess = d - (atol + rtol * w.abs());
+        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        bail!(
+            "{what}: element {i} is {} but the reference is {} (|diff| {:.3e} > {atol:.1e} + {rtol:.1e}*|ref|); max |diff| {max_abs:.3e}",
+            got[i],
+            want[i],
+            (got[i] as f64 - want[i]).abs()
+        );
+    }
+    Ok(Comparison {
+        max_abs,
+        rel_l2: if den > 0.0 { (num / den).sqrt() } else { num.sqrt() },
+    })
+}
+
+/// Central-difference check of an analytic gradient of a scalar function, in f64. Checks
+/// `|fd - analytic| <= tol * max(1, |fd|)` at every coordinate.
+pub fn check_gradient(
+    what: &str,
+    f: impl Fn(&[f64]) -> f64,
+    x: &[f64],
+    analytic: &[f64],
+    step: f64,
+    tol: f64,
+) -> Result<()> {
+    if x.len() != analytic.len() {
+        bail!("{what}: gradient has {} entries for {} inputs", analytic.len(), x.len());
+    }
+    let mut xp = x.to_vec();
+    for i in 0..x.len() {
+        xp[i] = x[i] + step;
+        let fp = f(&xp);
+        xp[i] = x[i] - step;
+        let fm = f(&xp);
+        xp[i] = x[i];
+        let fd = (fp - fm) / (2.0 * step);
+        if !((fd - analytic[i]).abs() <= tol * fd.abs().max(1.0)) {
+            bail!(
+                "{what}: d/dx[{i}] analytic {} vs finite difference {fd} (x = {})",
+                analytic[i],
+                x[i]
+            );
+        }
+    }
+    Ok(())
+}
