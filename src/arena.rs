@@ -82,7 +82,8 @@ impl Arena {
         };
         if !device.is_host() {
             // Device memory comes uninitialised; host memory is allocated zeroed.
-            let mut whole: Tensor<u8> = Tensor::view(arena.mem.clone(), 0, vec![arena.layout.bytes]);
+            let mut whole: Tensor<u8> =
+                Tensor::view(arena.mem.clone(), 0, vec![arena.layout.bytes]);
             whole.fill_bytes(0)?;
         }
         Ok(arena)

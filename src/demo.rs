@@ -21,9 +21,7 @@ struct DemoOp {
 }
 
 fn ops(cols: usize) -> Vec<DemoOp> {
-    fn unary(
-        f: fn(&Tensor<f32>, &mut Tensor<f32>) -> Result<()>,
-    ) -> OpRun {
+    fn unary(f: fn(&Tensor<f32>, &mut Tensor<f32>) -> Result<()>) -> OpRun {
         Box::new(move |d, x, _| {
             let x = Tensor::from_slice(d, &[x.len()], x)?;
             let mut y = Tensor::zeros(d, &[x.len()])?;
@@ -32,9 +30,7 @@ fn ops(cols: usize) -> Vec<DemoOp> {
             y.to_vec()
         })
     }
-    fn binary(
-        f: fn(&Tensor<f32>, &Tensor<f32>, &mut Tensor<f32>) -> Result<()>,
-    ) -> OpRun {
+    fn binary(f: fn(&Tensor<f32>, &Tensor<f32>, &mut Tensor<f32>) -> Result<()>) -> OpRun {
         Box::new(move |d, x, g| {
             let x = Tensor::from_slice(d, &[x.len()], x)?;
             let g = Tensor::from_slice(d, &[g.len()], g)?;
@@ -122,7 +118,10 @@ pub fn run(dev: &Device, size: usize) -> Result<()> {
         devices.push(Device::emu());
     }
     println!("hiermd demo: {size} elements per op, f64 reference on the CPU");
-    println!("{:<18} {:<8} {:>12} {:>12} {:>10}", "op", "device", "max |err|", "rel l2 err", "ms");
+    println!(
+        "{:<18} {:<8} {:>12} {:>12} {:>10}",
+        "op", "device", "max |err|", "rel l2 err", "ms"
+    );
     for op in ops(cols) {
         let want = (op.reference)(&x64, &g64);
         for d in &devices {
@@ -130,7 +129,14 @@ pub fn run(dev: &Device, size: usize) -> Result<()> {
             let got = (op.run)(d, &x, &g)?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let c = assert_close(op.name, &got, &want, (op.atol)(&x64), 1e-5)?;
-            println!("{:<18} {:<8} {:>12.3e} {:>12.3e} {:>10.2}", op.name, d.name(), c.max_abs, c.rel_l2, ms);
+            println!(
+                "{:<18} {:<8} {:>12.3e} {:>12.3e} {:>10.2}",
+                op.name,
+                d.name(),
+                c.max_abs,
+                c.rel_l2,
+                ms
+            );
         }
     }
     println!("all ops match the reference (timings include host<->device copies)");

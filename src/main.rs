@@ -6,7 +6,11 @@ use hiermd::device::describe_devices;
 use hiermd::{Device, DeviceSpec};
 
 #[derive(Parser)]
-#[command(name = "hiermd", version, about = "Hierarchical geometric deep learning for molecular dynamics")]
+#[command(
+    name = "hiermd",
+    version,
+    about = "Hierarchical geometric deep learning for molecular dynamics"
+)]
 struct Cli {
     /// Where to run: auto (CUDA if a GPU is found, else cpu), cpu, emu or cuda[:N].
     #[arg(long, global = true, default_value = "auto")]

@@ -60,9 +60,9 @@ impl Rng {
     /// A generator for one test: the process seed mixed with the test's name, so tests draw
     /// different inputs, all reproducible from the one printed seed.
     pub fn for_test(name: &str) -> Self {
-        let h = name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         Self::new(test_seed() ^ h)
     }
 
@@ -148,11 +148,24 @@ pub fn test_devices() -> Vec<(String, bool, Availability)> {
 /// skipped with the reason; panics if the body fails on any device, or if a required device is
 /// missing.
 pub fn run_on_devices(test: &str, body: impl Fn(&Device) -> Result<()>) {
+    run_on(test, true, body)
+}
+
+/// As [`run_on_devices`], for tests whose subject is a kernel: the cpu device, which has none,
+/// is reported as not applicable.
+pub fn run_on_kernel_devices(test: &str, body: impl Fn(&Device) -> Result<()>) {
+    run_on(test, false, body)
+}
+
+fn run_on(test: &str, with_cpu: bool, body: impl Fn(&Device) -> Result<()>) {
     let mut ran = Vec::new();
     let mut skipped = Vec::new();
     let mut failures = Vec::new();
     for (name, required, avail) in test_devices() {
         match avail {
+            Availability::Ready(Device::Cpu) if !with_cpu => {
+                skipped.push("cpu (not applicable: the test checks a kernel)".to_string())
+            }
             Availability::Ready(dev) => {
                 let label = match &dev {
                     Device::Emu(e) => format!("emu(seed {})", e.seed()),
@@ -172,8 +185,16 @@ pub fn run_on_devices(test: &str, body: impl Fn(&Device) -> Result<()>) {
     println!(
         "[{test}] seed {}: ran on {}; skipped {}",
         test_seed(),
-        if ran.is_empty() { "nothing".into() } else { ran.join(", ") },
-        if skipped.is_empty() { "none".into() } else { skipped.join(", ") }
+        if ran.is_empty() {
+            "nothing".into()
+        } else {
+            ran.join(", ")
+        },
+        if skipped.is_empty() {
+            "none".into()
+        } else {
+            skipped.join(", ")
+        }
     );
     if !failures.is_empty() {
         panic!(
@@ -202,6 +223,20 @@ macro_rules! device_test {
     };
 }
 
+/// Defines a `#[test]` whose subject is a kernel: runs on emu and cuda (cpu has no kernels).
+#[macro_export]
+macro_rules! kernel_test {
+    ($name:ident, |$dev:ident| $body:block) => {
+        #[test]
+        fn $name() {
+            $crate::testing::run_on_kernel_devices(
+                stringify!($name),
+                |$dev: &$crate::Device| -> ::anyhow::Result<()> { $body },
+            );
+        }
+    };
+}
+
 /// Result of comparing values with a reference.
 #[derive(Clone, Copy, Debug)]
 pub struct Comparison {
@@ -213,7 +248,13 @@ pub struct Comparison {
 
 /// Checks `|got - want| <= atol + rtol * |want|` element by element (NaN never passes) and
 /// returns the error measures; the error names the worst element.
-pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Result<Comparison> {
+pub fn assert_close(
+    what: &str,
+    got: &[f32],
+    want: &[f64],
+    atol: f64,
+    rtol: f64,
+) -> Result<Comparison> {
     if got.len() != want.len() {
         bail!("{what}: {} values, reference has {}", got.len(), want.len());
     }
@@ -243,7 +284,11 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
     }
     Ok(Comparison {
         max_abs,
-        rel_l2: if den > 0.0 { (num / den).sqrt() } else { num.sqrt() },
+        rel_l2: if den > 0.0 {
+            (num / den).sqrt()
+        } else {
+            num.sqrt()
+        },
     })
 }
 
@@ -258,7 +303,11 @@ pub fn check_gradient(
     tol: f64,
 ) -> Result<()> {
     if x.len() != analytic.len() {
-        bail!("{what}: gradient has {} entries for {} inputs", analytic.len(), x.len());
+        bail!(
+            "{what}: gradient has {} entries for {} inputs",
+            analytic.len(),
+            x.len()
+        );
     }
     let mut xp = x.to_vec();
     for i in 0..x.len() {

@@ -138,7 +138,9 @@ pub fn describe_devices() -> Vec<String> {
         "emu      CUDA kernels on the CPU (fiber shim, seeded thread order)".to_string(),
     ];
     match cuda_devices() {
-        Ok(list) if list.is_empty() => out.push("cuda     unavailable: no CUDA device found".into()),
+        Ok(list) if list.is_empty() => {
+            out.push("cuda     unavailable: no CUDA device found".into())
+        }
         Ok(list) => {
             for d in list {
                 out.push(format!(

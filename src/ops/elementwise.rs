@@ -19,11 +19,13 @@ fn sigmoid<R: Real>(x: R) -> R {
 
 /// CPU twin of `silu_forward`: y = x sigmoid(x).
 pub fn silu_forward_host<R: Real>(x: &[R], y: &mut [R]) {
-    y.par_chunks_mut(CPU_CHUNK).zip(x.par_chunks(CPU_CHUNK)).for_each(|(y, x)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * sigmoid(x);
-        }
-    });
+    y.par_chunks_mut(CPU_CHUNK)
+        .zip(x.par_chunks(CPU_CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x * sigmoid(x);
+            }
+        });
 }
 
 /// CPU twin of `silu_backward`: dx = dy s (1 + x (1 - s)), s = sigmoid(x).
@@ -40,11 +42,13 @@ pub fn silu_backward_host<R: Real>(x: &[R], dy: &[R], dx: &mut [R]) {
 
 /// CPU twin of `sigmoid_forward`.
 pub fn sigmoid_forward_host<R: Real>(x: &[R], y: &mut [R]) {
-    y.par_chunks_mut(CPU_CHUNK).zip(x.par_chunks(CPU_CHUNK)).for_each(|(y, x)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = sigmoid(x);
-        }
-    });
+    y.par_chunks_mut(CPU_CHUNK)
+        .zip(x.par_chunks(CPU_CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = sigmoid(x);
+            }
+        });
 }
 
 /// CPU twin of `sigmoid_backward`: dx = dy y (1 - y), from the saved output y.
@@ -71,11 +75,13 @@ pub fn axpby_host<R: Real>(alpha: R, a: &[R], beta: R, b: &[R], out: &mut [R]) {
 
 /// CPU twin of `scale`: y = alpha x.
 pub fn scale_host<R: Real>(alpha: R, x: &[R], y: &mut [R]) {
-    y.par_chunks_mut(CPU_CHUNK).zip(x.par_chunks(CPU_CHUNK)).for_each(|(y, x)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = alpha * x;
-        }
-    });
+    y.par_chunks_mut(CPU_CHUNK)
+        .zip(x.par_chunks(CPU_CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = alpha * x;
+            }
+        });
 }
 
 /// Shape checks shared by the unary ops; returns (device, n).
@@ -85,7 +91,12 @@ fn unary<'a>(op: &str, x: &'a Tensor<f32>, y: &Tensor<f32>) -> Result<(&'a Devic
     Ok((dev, x.len()))
 }
 
-fn binary<'a>(op: &str, a: &'a Tensor<f32>, b: &Tensor<f32>, out: &Tensor<f32>) -> Result<(&'a Device, usize)> {
+fn binary<'a>(
+    op: &str,
+    a: &'a Tensor<f32>,
+    b: &Tensor<f32>,
+    out: &Tensor<f32>,
+) -> Result<(&'a Device, usize)> {
     let dev = same_device(op, a.device(), &[b.device(), out.device()])?;
     expect_len(op, "second input", b, a.len())?;
     expect_len(op, "output", out, a.len())?;
@@ -110,12 +121,20 @@ pub fn silu_forward(x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
 pub fn silu_backward(x: &Tensor<f32>, dy: &Tensor<f32>, dx: &mut Tensor<f32>) -> Result<()> {
     let (dev, n) = binary("silu_backward", x, dy, dx)?;
     match dev {
-        Device::Cpu => Ok(silu_backward_host(x.host().unwrap(), dy.host().unwrap(), dx.host_mut().unwrap())),
+        Device::Cpu => Ok(silu_backward_host(
+            x.host().unwrap(),
+            dy.host().unwrap(),
+            dx.host_mut().unwrap(),
+        )),
         _ => launch(
             dev,
             &k::SILU_BACKWARD,
             LaunchConfig::for_elements(n, THREADS),
-            KernelArgs::new().input(x).input(dy).output(dx).i64(n as i64),
+            KernelArgs::new()
+                .input(x)
+                .input(dy)
+                .output(dx)
+                .i64(n as i64),
         ),
     }
 }
@@ -124,7 +143,10 @@ pub fn silu_backward(x: &Tensor<f32>, dy: &Tensor<f32>, dx: &mut Tensor<f32>) ->
 pub fn sigmoid_forward(x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
     let (dev, n) = unary("sigmoid_forward", x, y)?;
     match dev {
-        Device::Cpu => Ok(sigmoid_forward_host(x.host().unwrap(), y.host_mut().unwrap())),
+        Device::Cpu => Ok(sigmoid_forward_host(
+            x.host().unwrap(),
+            y.host_mut().unwrap(),
+        )),
         _ => launch(
             dev,
             &k::SIGMOID_FORWARD,
@@ -138,26 +160,52 @@ pub fn sigmoid_forward(x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
 pub fn sigmoid_backward(y: &Tensor<f32>, dy: &Tensor<f32>, dx: &mut Tensor<f32>) -> Result<()> {
     let (dev, n) = binary("sigmoid_backward", y, dy, dx)?;
     match dev {
-        Device::Cpu => Ok(sigmoid_backward_host(y.host().unwrap(), dy.host().unwrap(), dx.host_mut().unwrap())),
+        Device::Cpu => Ok(sigmoid_backward_host(
+            y.host().unwrap(),
+            dy.host().unwrap(),
+            dx.host_mut().unwrap(),
+        )),
         _ => launch(
             dev,
             &k::SIGMOID_BACKWARD,
             LaunchConfig::for_elements(n, THREADS),
-            KernelArgs::new().input(y).input(dy).output(dx).i64(n as i64),
+            KernelArgs::new()
+                .input(y)
+                .input(dy)
+                .output(dx)
+                .i64(n as i64),
         ),
     }
 }
 
 /// out = alpha a + beta b.
-pub fn axpby(alpha: f32, a: &Tensor<f32>, beta: f32, b: &Tensor<f32>, out: &mut Tensor<f32>) -> Result<()> {
+pub fn axpby(
+    alpha: f32,
+    a: &Tensor<f32>,
+    beta: f32,
+    b: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+) -> Result<()> {
     let (dev, n) = binary("axpby", a, b, out)?;
     match dev {
-        Device::Cpu => Ok(axpby_host(alpha, a.host().unwrap(), beta, b.host().unwrap(), out.host_mut().unwrap())),
+        Device::Cpu => Ok(axpby_host(
+            alpha,
+            a.host().unwrap(),
+            beta,
+            b.host().unwrap(),
+            out.host_mut().unwrap(),
+        )),
         _ => launch(
             dev,
             &k::AXPBY,
             LaunchConfig::for_elements(n, THREADS),
-            KernelArgs::new().input(a).input(b).output(out).f32(alpha).f32(beta).i64(n as i64),
+            KernelArgs::new()
+                .input(a)
+                .input(b)
+                .output(out)
+                .f32(alpha)
+                .f32(beta)
+                .i64(n as i64),
         ),
     }
 }
@@ -188,7 +236,11 @@ pub fn scale(alpha: f32, x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
             dev,
             &k::SCALE,
             LaunchConfig::for_elements(n, THREADS),
-            KernelArgs::new().input(x).output(y).f32(alpha).i64(n as i64),
+            KernelArgs::new()
+                .input(x)
+                .output(y)
+                .f32(alpha)
+                .i64(n as i64),
         ),
     }
 }

@@ -49,19 +49,36 @@ pub(crate) const CPU_CHUNK: usize = 1 << 14;
 
 /// Checks that every tensor of an op lives on one device and has the length the op expects;
 /// returns that device.
-pub(crate) fn same_device<'a>(op: &str, first: &'a Device, others: &[&Device]) -> Result<&'a Device> {
+pub(crate) fn same_device<'a>(
+    op: &str,
+    first: &'a Device,
+    others: &[&Device],
+) -> Result<&'a Device> {
     for d in others {
         if !first.same(d) {
-            bail!("{op}: operands on different devices ({} and {})", first.name(), d.name());
+            bail!(
+                "{op}: operands on different devices ({} and {})",
+                first.name(),
+                d.name()
+            );
         }
     }
     Ok(first)
 }
 
 /// Checks a tensor's length.
-pub(crate) fn expect_len<T: Element>(op: &str, name: &str, t: &Tensor<T>, len: usize) -> Result<()> {
+pub(crate) fn expect_len<T: Element>(
+    op: &str,
+    name: &str,
+    t: &Tensor<T>,
+    len: usize,
+) -> Result<()> {
     if t.len() != len {
-        bail!("{op}: {name} has shape {:?} ({} elements), expected {len} elements", t.shape(), t.len());
+        bail!(
+            "{op}: {name} has shape {:?} ({} elements), expected {len} elements",
+            t.shape(),
+            t.len()
+        );
     }
     Ok(())
 }

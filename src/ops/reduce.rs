@@ -62,19 +62,35 @@ pub fn row_sum_backward_host<R: Real>(dout: &[R], dx: &mut [R], cols: usize, kin
 }
 
 fn dims(op: &str, x_len: usize, rows: usize, cols: usize) -> Result<()> {
-    ensure!(rows * cols == x_len, "{op}: matrix of {x_len} elements is not {rows} x {cols}");
-    ensure!(rows <= i32::MAX as usize && cols <= i32::MAX as usize, "{op}: {rows} x {cols} too large");
+    ensure!(
+        rows * cols == x_len,
+        "{op}: matrix of {x_len} elements is not {rows} x {cols}"
+    );
+    ensure!(
+        rows <= i32::MAX as usize && cols <= i32::MAX as usize,
+        "{op}: {rows} x {cols} too large"
+    );
     Ok(())
 }
 
 /// out[r] = sum (or mean) over the columns of row r of `x` (`[rows, cols]`).
-pub fn row_sum_forward(x: &Tensor<f32>, out: &mut Tensor<f32>, cols: usize, kind: RowReduce) -> Result<()> {
+pub fn row_sum_forward(
+    x: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    cols: usize,
+    kind: RowReduce,
+) -> Result<()> {
     let op = "row_sum_forward";
     let dev = same_device(op, x.device(), &[out.device()])?;
     let rows = out.len();
     dims(op, x.len(), rows, cols)?;
     match dev {
-        Device::Cpu => Ok(row_sum_forward_host(x.host().unwrap(), out.host_mut().unwrap(), cols, kind)),
+        Device::Cpu => Ok(row_sum_forward_host(
+            x.host().unwrap(),
+            out.host_mut().unwrap(),
+            cols,
+            kind,
+        )),
         _ => launch(
             dev,
             &k::ROW_SUM_FORWARD,
@@ -94,14 +110,24 @@ pub fn row_sum_forward(x: &Tensor<f32>, out: &mut Tensor<f32>, cols: usize, kind
 }
 
 /// dx[r, c] = dout[r] (times 1/cols for the mean). Assigns dx.
-pub fn row_sum_backward(dout: &Tensor<f32>, dx: &mut Tensor<f32>, cols: usize, kind: RowReduce) -> Result<()> {
+pub fn row_sum_backward(
+    dout: &Tensor<f32>,
+    dx: &mut Tensor<f32>,
+    cols: usize,
+    kind: RowReduce,
+) -> Result<()> {
     let op = "row_sum_backward";
     let dev = same_device(op, dout.device(), &[dx.device()])?;
     let rows = dout.len();
     dims(op, dx.len(), rows, cols)?;
     expect_len(op, "dx", dx, rows * cols)?;
     match dev {
-        Device::Cpu => Ok(row_sum_backward_host(dout.host().unwrap(), dx.host_mut().unwrap(), cols, kind)),
+        Device::Cpu => Ok(row_sum_backward_host(
+            dout.host().unwrap(),
+            dx.host_mut().unwrap(),
+            cols,
+            kind,
+        )),
         _ => launch(
             dev,
             &k::ROW_SUM_BACKWARD,
