@@ -10,18 +10,22 @@ use anyhow::Result;
 use std::time::Instant;
 
 type OpRun = Box<dyn Fn(&Device, &[f32], &[f32]) -> Result<Vec<f32>>>;
+type Reference = Box<dyn Fn(&[f64], &[f64]) -> Vec<f64>>;
+type Tolerance = Box<dyn Fn(&[f64]) -> f64>;
+type UnaryOp = fn(&Tensor<f32>, &mut Tensor<f32>) -> Result<()>;
+type BinaryOp = fn(&Tensor<f32>, &Tensor<f32>, &mut Tensor<f32>) -> Result<()>;
 
 struct DemoOp {
     name: &'static str,
     run: OpRun,
-    reference: Box<dyn Fn(&[f64], &[f64]) -> Vec<f64>>,
+    reference: Reference,
     /// Absolute tolerance for inputs x: elementwise ops are within a few ulps; an f32 sum of n
     /// terms may be off by about n u sum|x| in the worst case, a few u sum|x| in practice.
-    atol: Box<dyn Fn(&[f64]) -> f64>,
+    atol: Tolerance,
 }
 
 fn ops(cols: usize) -> Vec<DemoOp> {
-    fn unary(f: fn(&Tensor<f32>, &mut Tensor<f32>) -> Result<()>) -> OpRun {
+    fn unary(f: UnaryOp) -> OpRun {
         Box::new(move |d, x, _| {
             let x = Tensor::from_slice(d, &[x.len()], x)?;
             let mut y = Tensor::zeros(d, &[x.len()])?;
@@ -30,7 +34,7 @@ fn ops(cols: usize) -> Vec<DemoOp> {
             y.to_vec()
         })
     }
-    fn binary(f: fn(&Tensor<f32>, &Tensor<f32>, &mut Tensor<f32>) -> Result<()>) -> OpRun {
+    fn binary(f: BinaryOp) -> OpRun {
         Box::new(move |d, x, g| {
             let x = Tensor::from_slice(d, &[x.len()], x)?;
             let g = Tensor::from_slice(d, &[g.len()], g)?;

@@ -18,6 +18,8 @@ pub mod launch;
 pub mod ops;
 pub mod tensor;
 pub mod testing;
+pub mod topology;
+pub mod traj;
 
 /// The generated kernel table: one module per `cuda/*.cu` file (see build.rs).
 pub mod kernels {

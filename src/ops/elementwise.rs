@@ -107,7 +107,10 @@ fn binary<'a>(
 pub fn silu_forward(x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
     let (dev, n) = unary("silu_forward", x, y)?;
     match dev {
-        Device::Cpu => Ok(silu_forward_host(x.host().unwrap(), y.host_mut().unwrap())),
+        Device::Cpu => {
+            silu_forward_host(x.host().unwrap(), y.host_mut().unwrap());
+            Ok(())
+        }
         _ => launch(
             dev,
             &k::SILU_FORWARD,
@@ -121,11 +124,14 @@ pub fn silu_forward(x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
 pub fn silu_backward(x: &Tensor<f32>, dy: &Tensor<f32>, dx: &mut Tensor<f32>) -> Result<()> {
     let (dev, n) = binary("silu_backward", x, dy, dx)?;
     match dev {
-        Device::Cpu => Ok(silu_backward_host(
-            x.host().unwrap(),
-            dy.host().unwrap(),
-            dx.host_mut().unwrap(),
-        )),
+        Device::Cpu => {
+            silu_backward_host(
+                x.host().unwrap(),
+                dy.host().unwrap(),
+                dx.host_mut().unwrap(),
+            );
+            Ok(())
+        }
         _ => launch(
             dev,
             &k::SILU_BACKWARD,
@@ -143,10 +149,10 @@ pub fn silu_backward(x: &Tensor<f32>, dy: &Tensor<f32>, dx: &mut Tensor<f32>) ->
 pub fn sigmoid_forward(x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
     let (dev, n) = unary("sigmoid_forward", x, y)?;
     match dev {
-        Device::Cpu => Ok(sigmoid_forward_host(
-            x.host().unwrap(),
-            y.host_mut().unwrap(),
-        )),
+        Device::Cpu => {
+            sigmoid_forward_host(x.host().unwrap(), y.host_mut().unwrap());
+            Ok(())
+        }
         _ => launch(
             dev,
             &k::SIGMOID_FORWARD,
@@ -160,11 +166,14 @@ pub fn sigmoid_forward(x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
 pub fn sigmoid_backward(y: &Tensor<f32>, dy: &Tensor<f32>, dx: &mut Tensor<f32>) -> Result<()> {
     let (dev, n) = binary("sigmoid_backward", y, dy, dx)?;
     match dev {
-        Device::Cpu => Ok(sigmoid_backward_host(
-            y.host().unwrap(),
-            dy.host().unwrap(),
-            dx.host_mut().unwrap(),
-        )),
+        Device::Cpu => {
+            sigmoid_backward_host(
+                y.host().unwrap(),
+                dy.host().unwrap(),
+                dx.host_mut().unwrap(),
+            );
+            Ok(())
+        }
         _ => launch(
             dev,
             &k::SIGMOID_BACKWARD,
@@ -188,13 +197,16 @@ pub fn axpby(
 ) -> Result<()> {
     let (dev, n) = binary("axpby", a, b, out)?;
     match dev {
-        Device::Cpu => Ok(axpby_host(
-            alpha,
-            a.host().unwrap(),
-            beta,
-            b.host().unwrap(),
-            out.host_mut().unwrap(),
-        )),
+        Device::Cpu => {
+            axpby_host(
+                alpha,
+                a.host().unwrap(),
+                beta,
+                b.host().unwrap(),
+                out.host_mut().unwrap(),
+            );
+            Ok(())
+        }
         _ => launch(
             dev,
             &k::AXPBY,
@@ -231,7 +243,10 @@ pub fn axpby_backward(
 pub fn scale(alpha: f32, x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
     let (dev, n) = unary("scale", x, y)?;
     match dev {
-        Device::Cpu => Ok(scale_host(alpha, x.host().unwrap(), y.host_mut().unwrap())),
+        Device::Cpu => {
+            scale_host(alpha, x.host().unwrap(), y.host_mut().unwrap());
+            Ok(())
+        }
         _ => launch(
             dev,
             &k::SCALE,

@@ -1,0 +1,1 @@
+//! Elements: symbols, atomic numbers and standard masses.
