@@ -317,7 +317,9 @@ pub fn check_gradient(
         let fm = f(&xp);
         xp[i] = x[i];
         let fd = (fp - fm) / (2.0 * step);
-        if !((fd - analytic[i]).abs() <= tol * fd.abs().max(1.0)) {
+        // Written so that NaN on either side fails.
+        let within = (fd - analytic[i]).abs() <= tol * fd.abs().max(1.0);
+        if !within {
             bail!(
                 "{what}: d/dx[{i}] analytic {} vs finite difference {fd} (x = {})",
                 analytic[i],
