@@ -121,8 +121,8 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "{:<58} {:<7} {:>11} {:>10} {}",
-        "benchmark", "device", "median ms", "value", "unit"
+        "{:<58} {:<7} {:>11} {:>10} unit",
+        "benchmark", "device", "median ms", "value"
     );
     for r in &rows {
         println!(
