@@ -12,8 +12,7 @@ use std::time::Instant;
 type OpRun = Box<dyn Fn(&Device, &[f32], &[f32]) -> Result<Vec<f32>>>;
 type Reference = Box<dyn Fn(&[f64], &[f64]) -> Vec<f64>>;
 type Tolerance = Box<dyn Fn(&[f64]) -> f64>;
-type UnaryOp = fn(&Tensor<f32>, &mut Tensor<f32>) -> Result<()>;
-type BinaryOp = fn(&Tensor<f32>, &Tensor<f32>, &mut Tensor<f32>) -> Result<()>;
+use ew::{BinaryOp, UnaryOp};
 
 struct DemoOp {
     name: &'static str,

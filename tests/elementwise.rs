@@ -25,11 +25,7 @@ fn sizes(dev: &Device) -> impl Iterator<Item = usize> {
     SIZES.into_iter().filter(move |&n| !emu || n < 1 << 20)
 }
 
-fn run_unary(
-    dev: &Device,
-    op: fn(&Tensor<f32>, &mut Tensor<f32>) -> Result<()>,
-    x: &[f32],
-) -> Result<Vec<f32>> {
+fn run_unary(dev: &Device, op: ew::UnaryOp, x: &[f32]) -> Result<Vec<f32>> {
     let xt = Tensor::from_slice(dev, &[x.len()], x)?;
     let mut y = Tensor::zeros(dev, &[x.len()])?;
     y.poison()?;
@@ -37,12 +33,7 @@ fn run_unary(
     y.to_vec()
 }
 
-fn run_binary(
-    dev: &Device,
-    op: fn(&Tensor<f32>, &Tensor<f32>, &mut Tensor<f32>) -> Result<()>,
-    a: &[f32],
-    b: &[f32],
-) -> Result<Vec<f32>> {
+fn run_binary(dev: &Device, op: ew::BinaryOp, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
     let at = Tensor::from_slice(dev, &[a.len()], a)?;
     let bt = Tensor::from_slice(dev, &[b.len()], b)?;
     let mut y = Tensor::zeros(dev, &[a.len()])?;

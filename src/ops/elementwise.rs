@@ -13,6 +13,11 @@ use rayon::prelude::*;
 
 const THREADS: u32 = 256;
 
+/// Signature of the unary ops (`silu_forward`, `sigmoid_forward`).
+pub type UnaryOp = fn(&Tensor<f32>, &mut Tensor<f32>) -> Result<()>;
+/// Signature of the ops with two inputs (`add`, the backward passes).
+pub type BinaryOp = fn(&Tensor<f32>, &Tensor<f32>, &mut Tensor<f32>) -> Result<()>;
+
 fn sigmoid<R: Real>(x: R) -> R {
     R::of(1.0) / (R::of(1.0) + (-x).exp())
 }

@@ -6,5 +6,8 @@ use std::path::Path;
 
 /// Reads a topology (not implemented yet).
 pub fn read_psf(path: &Path) -> Result<Topology> {
-    bail!("{}: this topology format is not supported yet", path.display())
+    bail!(
+        "{}: this topology format is not supported yet",
+        path.display()
+    )
 }

@@ -27,9 +27,19 @@ impl UnitCell {
     pub fn from_lengths_angles(a: f64, b: f64, c: f64, alpha: f64, beta: f64, gamma: f64) -> Self {
         let (al, be, ga) = (alpha.to_radians(), beta.to_radians(), gamma.to_radians());
         // Right angles are snapped so an orthorhombic box has exact zeros off the diagonal.
-        let cos = |x: f64, deg: f64| if (deg - 90.0).abs() < 1e-6 { 0.0 } else { x.cos() };
+        let cos = |x: f64, deg: f64| {
+            if (deg - 90.0).abs() < 1e-6 {
+                0.0
+            } else {
+                x.cos()
+            }
+        };
         let (ca, cb, cg) = (cos(al, alpha), cos(be, beta), cos(ga, gamma));
-        let sg = if (gamma - 90.0).abs() < 1e-6 { 1.0 } else { ga.sin() };
+        let sg = if (gamma - 90.0).abs() < 1e-6 {
+            1.0
+        } else {
+            ga.sin()
+        };
         let bx = b * cg;
         let by = b * sg;
         let cx = c * cb;
@@ -57,13 +67,25 @@ impl UnitCell {
                 (dot(p, q) / (lp * lq)).clamp(-1.0, 1.0).acos().to_degrees()
             }
         };
-        [a, b, c, ang(v[1], v[2], b, c), ang(v[0], v[2], a, c), ang(v[0], v[1], a, b)]
+        [
+            a,
+            b,
+            c,
+            ang(v[1], v[2], b, c),
+            ang(v[0], v[2], a, c),
+            ang(v[0], v[1], a, b),
+        ]
     }
 
     /// Whether all off-diagonal entries are zero.
     pub fn is_orthorhombic(&self) -> bool {
         let v = &self.vectors;
-        v[0][1] == 0.0 && v[0][2] == 0.0 && v[1][0] == 0.0 && v[1][2] == 0.0 && v[2][0] == 0.0 && v[2][1] == 0.0
+        v[0][1] == 0.0
+            && v[0][2] == 0.0
+            && v[1][0] == 0.0
+            && v[1][2] == 0.0
+            && v[2][0] == 0.0
+            && v[2][1] == 0.0
     }
 }
 

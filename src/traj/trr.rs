@@ -12,7 +12,10 @@ pub struct TrrReader {
 impl TrrReader {
     /// Opens a file.
     pub fn open(path: &Path) -> Result<Self> {
-        bail!("{}: this trajectory format is not supported yet", path.display())
+        bail!(
+            "{}: this trajectory format is not supported yet",
+            path.display()
+        )
     }
 }
 
