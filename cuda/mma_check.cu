@@ -193,8 +193,6 @@ __device__ __forceinline__ void ldmatrix_mma_gemm(T* smem, const T* a, const T* 
     d[(g + 8) * kGemmN + n0 + t2 + 1] = acc[3];
 }
 
-// HIERMD_DYNAMIC_SHARED stays in the extern "C" kernels: nvcc rejects its block-scope extern
-// declaration in a C++-linkage template once a C-linkage kernel has declared it too.
 
 /// Launch with 64 threads and 2816 bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(64)

@@ -11,14 +11,26 @@
                                             unsigned long long seed) {                            \
         return ::emu::launch(name, grid, block, shared_bytes, args, seed);                        \
     }
-// Dynamic shared memory, sized at launch. The emu poisons it before each block.
-#define HIERMD_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dynamic_shared())
+/// Dynamic shared memory of the running block, sized at launch. The emu poisons it before each
+/// block.
+template <class T>
+__device__ __forceinline__ T* dynamic_shared() {
+    return reinterpret_cast<T*>(::emu::dynamic_shared());
+}
 #else
 #define HIERMD_EXPORT_KERNEL(name)
-#define HIERMD_DYNAMIC_SHARED(T, name)                                                             \
-    extern __shared__ __align__(16) unsigned char hiermd_dynamic_shared_[];                       \
-    T* name = reinterpret_cast<T*>(hiermd_dynamic_shared_)
+// Declared once at namespace scope: nvcc rejects a block-scope extern __shared__ array declared
+// both in an extern "C" kernel and in a template of the same file.
+extern __shared__ __align__(16) unsigned char hiermd_dynamic_shared_[];
+/// Dynamic shared memory of the running block, sized at launch.
+template <class T>
+__device__ __forceinline__ T* dynamic_shared() {
+    return reinterpret_cast<T*>(hiermd_dynamic_shared_);
+}
 #endif
+
+/// `T* name` pointing at the block's dynamic shared memory.
+#define HIERMD_DYNAMIC_SHARED(T, name) T* name = dynamic_shared<T>()
 
 /// Full-warp mask for the *_sync intrinsics.
 #define HIERMD_FULL_MASK 0xffffffffu
