@@ -20,8 +20,8 @@
 //!
 //! Meanings (the residue lists are MDAnalysis 2.11's, so selections agree with it):
 //! - `hydrogen`: atomic number 1, or element unknown (Z = 0) and the name starts with `H`;
-//!   `heavy` is `not hydrogen` (so it includes virtual sites such as TIP4P's `MW`, like
-//!   MDAnalysis's `not name H*`);
+//!   `heavy` is neither hydrogen nor a massless virtual site (TIP4P's `MW`, lone pairs): unlike
+//!   MDAnalysis's `not name H*`, which keeps `MW`, since a virtual site is not an atom;
 //! - `protein`: residue names of MDAnalysis's `ProteinSelection` (the 20 amino acids, CHARMM
 //!   `HSD`/`HSE`/`HSP`, Amber `HID`/`HIE`/`HIP`/`CYX`/`CYM`/`ASH`/`GLH`/`LYN` and N/C-terminal
 //!   variants `NALA`/`CALA`..., GROMACS variants, `MSE`, caps `ACE`/`NME`; not `NMA`);
@@ -520,7 +520,11 @@ fn eval(e: &Expr, top: &Topology, residx: &mut Option<Vec<u32>>) -> Vec<bool> {
         Expr::Flag(flag) => match *flag {
             "all" => vec![true; atoms.len()],
             "hydrogen" => by(&|i| is_hydrogen(&atoms[i])),
-            "heavy" => by(&|i| !is_hydrogen(&atoms[i])),
+            // Massless virtual sites (TIP4P MW, lone pairs) are not atoms, let alone heavy ones.
+            "heavy" => by(&|i| {
+                !is_hydrogen(&atoms[i])
+                    && !crate::topology::element::is_virtual_site_atom(&atoms[i])
+            }),
             "protein" => by(&|i| PROTEIN.contains(&atoms[i].resname.as_str())),
             "nucleic" => by(&|i| NUCLEIC.contains(&atoms[i].resname.as_str())),
             "water" => by(&|i| WATER.contains(&atoms[i].resname.as_str())),

@@ -196,6 +196,14 @@ fn is_ion_residue(resname_letters: &str, name_letters: &str) -> bool {
         || special_name(resname_letters).is_some_and(|s| s != "C")
 }
 
+/// Whether an atom is a massless virtual site rather than an atom: no element, no mass, and a
+/// virtual-site name.
+pub fn is_virtual_site_atom(atom: &super::Atom) -> bool {
+    atom.atomic_number == 0
+        && atom.mass == 0.0
+        && is_virtual_site(&clean(&atom.name.trim().to_ascii_uppercase()))
+}
+
 /// Virtual sites: TIP4P `MW`, lone pairs `LP*`, TIP5P `EP*`, dummies `DUM*`/`VS*`.
 fn is_virtual_site(letters: &str) -> bool {
     letters == "MW"
