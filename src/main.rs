@@ -3,7 +3,9 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use hiermd::device::describe_devices;
+use hiermd::store::{self, Dataset, ExportFormat, ImportOptions};
 use hiermd::{Device, DeviceSpec};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -30,9 +32,65 @@ enum Command {
         #[arg(long, default_value_t = 1 << 20)]
         size: usize,
     },
+    /// Import a topology and trajectories into a memory-mapped dataset folder.
+    Import {
+        /// Topology: PDB, GRO or PSF.
+        #[arg(long)]
+        top: PathBuf,
+        /// Trajectories: DCD, XTC, TRR or multi-model PDB (one stored trajectory each).
+        #[arg(long, num_args = 1.., required = true)]
+        traj: Vec<PathBuf>,
+        /// The dataset folder to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Atoms to keep, e.g. heavy, protein, "backbone", "name CA", "resid 1-50 and heavy".
+        #[arg(long, default_value = "heavy")]
+        select: String,
+        /// Custom atom-to-token map: one integer per selected (or per topology) atom.
+        #[arg(long)]
+        token_map: Option<PathBuf>,
+        /// Time between frames in ps (for formats without times, or to override them).
+        #[arg(long)]
+        dt: Option<f64>,
+        /// Replace an existing dataset.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show what a dataset holds.
+    Info {
+        /// The dataset folder.
+        dir: PathBuf,
+        /// Print JSON (the manifest) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write frames of a stored trajectory as PDB, XYZ or NumPy .npy.
+    Export {
+        /// The dataset folder.
+        dir: PathBuf,
+        /// Trajectory index (0-based, as `hiermd info` lists them).
+        #[arg(long, default_value_t = 0)]
+        traj: usize,
+        /// Frames START:END (END exclusive; either may be empty).
+        #[arg(long, default_value = ":")]
+        frames: String,
+        /// pdb, xyz or npy.
+        #[arg(long)]
+        format: ExportFormat,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() {
+    // Behave like other command-line tools when the reader of our output goes away
+    // (`hiermd info --json | head`): end quietly instead of panicking on a broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -50,6 +108,67 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { size } => {
             let dev = Device::open(cli.device)?;
             hiermd::demo::run(&dev, size)
+        }
+        Command::Import {
+            top,
+            traj,
+            out,
+            select,
+            token_map,
+            dt,
+            force,
+        } => {
+            let opts = ImportOptions {
+                topology: top,
+                trajectories: traj,
+                out,
+                selection: select,
+                token_map,
+                time_step_ps: dt,
+                force,
+                progress: true,
+            };
+            let (ds, report) = store::import(&opts)?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            let mb = report.bytes_written as f64 / 1e6;
+            println!(
+                "imported {} frames of {} atoms ({} residues, {} tokens) into {} in {:.2} s ({:.1} MB/s written)",
+                report.frames.iter().sum::<usize>(),
+                report.atoms,
+                ds.manifest.residues,
+                ds.manifest.tokens,
+                opts.out.display(),
+                report.seconds,
+                mb / report.seconds.max(1e-9)
+            );
+            Ok(())
+        }
+        Command::Info { dir, json } => {
+            let ds = Dataset::open(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ds.manifest)?);
+            } else {
+                print!("{}", store::describe(&ds));
+            }
+            Ok(())
+        }
+        Command::Export {
+            dir,
+            traj,
+            frames,
+            format,
+            out,
+        } => {
+            let ds = Dataset::open(&dir)?;
+            let n = store::export(&ds, traj, &frames, format, &out)?;
+            println!(
+                "wrote {n} frames of {} atoms to {}",
+                ds.natoms(),
+                out.display()
+            );
+            Ok(())
         }
     }
 }

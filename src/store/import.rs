@@ -1,0 +1,451 @@
+//! `hiermd import`: topology + trajectories -> a dataset folder, streamed and atomic.
+
+use super::dataset::{write_atom_row, Header, StoredAtom, ATOM_TABLE_HEADER};
+use super::{source_file, Dataset, Manifest, TrajectoryEntry, FORMAT_VERSION, HEADER_BYTES};
+use crate::progress::Progress;
+use crate::topology::{read_topology, Topology};
+use crate::traj::{open_trajectory, Frame};
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashMap;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What to import.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    /// Topology file (PDB, GRO, PSF).
+    pub topology: PathBuf,
+    /// Trajectory files (DCD, XTC, TRR, multi-model PDB), each stored as one trajectory.
+    pub trajectories: Vec<PathBuf>,
+    /// The dataset folder to create.
+    pub out: PathBuf,
+    /// Atom selection (see [`crate::select`]); `heavy` by default.
+    pub selection: String,
+    /// Optional atom-to-token map: one integer per selected atom (or per topology atom),
+    /// whitespace separated. Tokens are renumbered densely in order of first appearance.
+    pub token_map: Option<PathBuf>,
+    /// Time between frames in ps, for formats without times (or to override them).
+    pub time_step_ps: Option<f64>,
+    /// Replace an existing dataset at `out`.
+    pub force: bool,
+    /// Print progress on stderr.
+    pub progress: bool,
+}
+
+/// What an import did.
+#[derive(Clone, Debug)]
+pub struct ImportReport {
+    /// Frames per trajectory.
+    pub frames: Vec<usize>,
+    /// Atoms stored per frame.
+    pub atoms: usize,
+    /// Bytes of coordinates read from the sources (selected atoms only count once stored).
+    pub bytes_written: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Warnings (non-uniform time steps, ...).
+    pub warnings: Vec<String>,
+}
+
+/// Removes the temporary folder unless the import completes.
+struct TempDir(Option<PathBuf>);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn temp_prefix(out: &Path) -> Result<(PathBuf, String)> {
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: the output needs a folder name", out.display()))?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok((parent.to_path_buf(), format!(".{name}.import-")))
+}
+
+/// Removes temporary folders left by imports that were killed (their process is gone).
+fn remove_stale_temps(out: &Path) -> Result<()> {
+    let (parent, prefix) = temp_prefix(out)?;
+    let Ok(entries) = std::fs::read_dir(&parent) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            let alive = Path::new(&format!("/proc/{pid}")).exists() && pid != std::process::id();
+            if !alive || pid == std::process::id() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Imports a topology and its trajectories into a dataset folder. Nothing appears at `out` until
+/// every trajectory is written and synced; on any error (or a kill) no dataset is left.
+pub fn import(opts: &ImportOptions) -> Result<(Dataset, ImportReport)> {
+    let start = Instant::now();
+    ensure!(
+        !opts.trajectories.is_empty(),
+        "import needs at least one trajectory file"
+    );
+    if opts.out.exists() && !opts.force {
+        bail!(
+            "{}: already exists (use --force to replace it)",
+            opts.out.display()
+        );
+    }
+    let top = read_topology(&opts.topology)?;
+    ensure!(
+        !top.is_empty(),
+        "{}: the topology has no atoms",
+        opts.topology.display()
+    );
+    let selected = crate::select::select(&top, &opts.selection).with_context(|| {
+        format!(
+            "selection {:?} on {}",
+            opts.selection,
+            opts.topology.display()
+        )
+    })?;
+    let atoms = stored_atoms(&top, &selected, opts)?;
+
+    remove_stale_temps(&opts.out)?;
+    let (parent, prefix) = temp_prefix(&opts.out)?;
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let tmp = parent.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let guard = TempDir(Some(tmp.clone()));
+
+    let mut table = String::from(ATOM_TABLE_HEADER);
+    table.push('\n');
+    atoms.iter().for_each(|a| write_atom_row(&mut table, a));
+    std::fs::write(tmp.join("atoms.tsv"), table)?;
+
+    let mut report = ImportReport {
+        frames: Vec::new(),
+        atoms: atoms.len(),
+        bytes_written: 0,
+        seconds: 0.0,
+        warnings: Vec::new(),
+    };
+    let mut entries = Vec::new();
+    for (i, path) in opts.trajectories.iter().enumerate() {
+        let file = format!("traj-{i:04}.hmdt");
+        let entry = import_trajectory(
+            path,
+            &top,
+            &selected,
+            &atoms,
+            &tmp.join(&file),
+            opts,
+            &mut report,
+        )
+        .with_context(|| format!("importing {}", path.display()))?;
+        entries.push(TrajectoryEntry { file, ..entry });
+    }
+
+    let tokens = atoms
+        .iter()
+        .map(|a| a.token)
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let residues = atoms
+        .iter()
+        .map(|a| a.residue)
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let mut chains: Vec<&str> = atoms.iter().map(|a| a.chain.as_str()).collect();
+    chains.dedup();
+    chains.sort_unstable();
+    chains.dedup();
+    let time_step_ps = opts
+        .time_step_ps
+        .or_else(|| entries.iter().find_map(|e| e.time_step_ps));
+    for e in &mut entries {
+        if e.time_step_ps.is_none() {
+            e.time_step_ps = time_step_ps;
+        }
+    }
+    let manifest = Manifest {
+        format: "hiermd-dataset".into(),
+        version: FORMAT_VERSION,
+        written_by: format!("hiermd {}", env!("CARGO_PKG_VERSION")),
+        atoms: atoms.len(),
+        residues,
+        tokens,
+        chains: chains.len(),
+        selection: opts.selection.clone(),
+        topology_atoms: top.len(),
+        topology: source_file(&opts.topology)?,
+        token_map: opts.token_map.as_deref().map(source_file).transpose()?,
+        atom_table: "atoms.tsv".into(),
+        time_step_ps,
+        total_frames: report.frames.iter().sum(),
+        trajectories: entries,
+    };
+    std::fs::write(
+        tmp.join("manifest.toml"),
+        toml::to_string_pretty(&manifest)?,
+    )?;
+    sync_dir(&tmp)?;
+
+    // Move into place: the dataset appears whole or not at all.
+    if opts.out.exists() {
+        let old = parent.join(format!("{prefix}{}.old", std::process::id()));
+        std::fs::rename(&opts.out, &old)
+            .with_context(|| format!("{}: cannot replace", opts.out.display()))?;
+        std::fs::rename(&tmp, &opts.out)?;
+        let _ = std::fs::remove_dir_all(old);
+    } else {
+        std::fs::rename(&tmp, &opts.out)
+            .with_context(|| format!("moving the dataset into place at {}", opts.out.display()))?;
+    }
+    std::mem::forget(guard);
+    sync_dir(&parent)?;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok((Dataset::open(&opts.out)?, report))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    // Make the renames and new files durable; some filesystems refuse fsync on a folder.
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}
+
+fn stored_atoms(
+    top: &Topology,
+    selected: &[usize],
+    opts: &ImportOptions,
+) -> Result<Vec<StoredAtom>> {
+    let residue_of = top.residue_indices();
+    // Residue indices are renumbered densely among the selected atoms.
+    let mut residue_ids: HashMap<u32, u32> = HashMap::new();
+    let mut atoms = Vec::with_capacity(selected.len());
+    for &i in selected {
+        let a = &top.atoms[i];
+        if a.atomic_number == 0 {
+            bail!(
+                "{}: atom {} ({} of residue {} {}) has an unknown element; fix the element column or the name",
+                opts.topology.display(),
+                i + 1,
+                a.name,
+                a.resname,
+                a.resid
+            );
+        }
+        let next = residue_ids.len() as u32;
+        let residue = *residue_ids.entry(residue_of[i]).or_insert(next);
+        atoms.push(StoredAtom {
+            source_index: i,
+            name: a.name.clone(),
+            resname: a.resname.clone(),
+            resid: a.resid,
+            residue,
+            chain: if a.chain.is_empty() {
+                a.segid.clone()
+            } else {
+                a.chain.clone()
+            },
+            element: a.element.clone(),
+            atomic_number: a.atomic_number,
+            mass: a.mass,
+            token: residue,
+        });
+    }
+    if let Some(path) = &opts.token_map {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the token map", path.display()))?;
+        let values: Vec<i64> = text
+            .split_whitespace()
+            .enumerate()
+            .map(|(k, s)| {
+                s.parse().with_context(|| {
+                    format!(
+                        "{}: entry {} ({s:?}) is not an integer",
+                        path.display(),
+                        k + 1
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        let per_selected: Vec<i64> = if values.len() == selected.len() {
+            values
+        } else if values.len() == top.len() {
+            selected.iter().map(|&i| values[i]).collect()
+        } else {
+            bail!(
+                "{}: {} entries, but there are {} selected atoms ({} in the topology)",
+                path.display(),
+                values.len(),
+                selected.len(),
+                top.len()
+            );
+        };
+        let mut dense: HashMap<i64, u32> = HashMap::new();
+        for (a, t) in atoms.iter_mut().zip(per_selected) {
+            ensure!(
+                t >= 0,
+                "{}: negative token {t} for atom {}",
+                path.display(),
+                a.source_index + 1
+            );
+            let next = dense.len() as u32;
+            a.token = *dense.entry(t).or_insert(next);
+        }
+    }
+    Ok(atoms)
+}
+
+fn import_trajectory(
+    path: &Path,
+    top: &Topology,
+    selected: &[usize],
+    atoms: &[StoredAtom],
+    out: &Path,
+    opts: &ImportOptions,
+    report: &mut ImportReport,
+) -> Result<TrajectoryEntry> {
+    let mut reader = open_trajectory(path)?;
+    ensure!(
+        reader.natoms() == top.len(),
+        "{} has {} atoms per frame but the topology {} has {}",
+        path.display(),
+        reader.natoms(),
+        opts.topology.display(),
+        top.len()
+    );
+    let file =
+        std::fs::File::create(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 22, file);
+    w.write_all(&vec![0u8; HEADER_BYTES as usize])?;
+    let mut frame = Frame::default();
+    let mut picked = vec![0f32; selected.len() * 3];
+    let (mut boxes, mut times): (Vec<f32>, Vec<f64>) = (Vec::new(), Vec::new());
+    let (mut has_box, mut has_time) = (true, true);
+    let mut progress = Progress::new(
+        &format!(
+            "import {}",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ),
+        reader.nframes_hint(),
+        "frames",
+        opts.progress,
+    );
+    let mut n = 0usize;
+    // Fault injection for the crash-safety test: abort the whole process (as a kill would) after
+    // this many frames. Never set outside tests.
+    let abort_after: Option<usize> = std::env::var("HIERMD_FAULT_ABORT_AFTER_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    while reader.read_frame(&mut frame)? {
+        if abort_after == Some(n) {
+            w.flush()?;
+            std::process::abort();
+        }
+        for (k, &i) in selected.iter().enumerate() {
+            let c = &frame.coords[3 * i..3 * i + 3];
+            if !c.iter().all(|v| v.is_finite()) {
+                bail!(
+                    "{}: frame {n}: atom {} ({} of residue {} {}) has non-finite coordinates {c:?}",
+                    path.display(),
+                    i + 1,
+                    atoms[k].name,
+                    atoms[k].resname,
+                    atoms[k].resid
+                );
+            }
+            picked[3 * k..3 * k + 3].copy_from_slice(c);
+        }
+        w.write_all(bytemuck::cast_slice(&picked))?;
+        match frame.unit_cell {
+            Some(uc) if has_box => boxes.extend(uc.vectors.iter().flatten()),
+            Some(_) => {}
+            None => {
+                if n > 0 && has_box {
+                    report.warnings.push(format!(
+                        "{}: frame {n} has no box; boxes dropped",
+                        path.display()
+                    ));
+                }
+                has_box = false;
+            }
+        }
+        match frame.time_ps {
+            Some(t) if has_time => times.push(t),
+            _ => has_time = false,
+        }
+        n += 1;
+        progress.set(n, (n * picked.len() * 4) as u64);
+    }
+    progress.finish();
+    ensure!(n > 0, "{}: no frames", path.display());
+    if let Some(dt) = opts.time_step_ps {
+        // An explicit time step wins: times start at the file's first time, or 0.
+        let t0 = if has_time { times[0] } else { 0.0 };
+        times = (0..n).map(|k| t0 + dt * k as f64).collect();
+        has_time = true;
+    }
+    if has_box {
+        w.write_all(bytemuck::cast_slice(&boxes))?;
+    }
+    if has_time {
+        for t in &times {
+            w.write_all(&t.to_le_bytes())?;
+        }
+    }
+    let header = Header {
+        natoms: selected.len() as u64,
+        nframes: n as u64,
+        has_box,
+        has_time,
+        complete: true,
+    };
+    let mut file = w.into_inner().map_err(|e| e.into_error())?;
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&header.encode())?;
+    file.sync_all()?;
+    report.frames.push(n);
+    report.bytes_written += header.file_len();
+
+    let time_step_ps = if has_time && n > 1 {
+        let dt = times[1] - times[0];
+        let uneven = times
+            .windows(2)
+            .any(|w| ((w[1] - w[0]) - dt).abs() > 1e-3 * dt.abs().max(1e-9));
+        if uneven {
+            report.warnings.push(format!(
+                "{}: frames are not evenly spaced in time",
+                path.display()
+            ));
+        }
+        Some(dt)
+    } else {
+        None
+    };
+    Ok(TrajectoryEntry {
+        file: String::new(),
+        source: source_file(path)?,
+        frames: n,
+        has_box,
+        has_time,
+        first_time_ps: times.first().copied(),
+        time_step_ps,
+    })
+}
