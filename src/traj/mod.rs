@@ -4,11 +4,14 @@
 use anyhow::{bail, Result};
 use std::path::Path;
 
+mod bytes;
 mod dcd;
 mod pdb;
 mod trr;
 mod xtc;
 
+pub use bytes::Endian;
+pub use dcd::DcdHeader;
 pub use dcd::DcdReader;
 pub use pdb::PdbTrajectoryReader;
 pub use trr::TrrReader;
