@@ -330,7 +330,16 @@ fn lagged_pairs_split_and_batches() {
     // Batches: every pair once per epoch, in a seeded order; contents straight from the frames.
     let ds = Arc::new(ds);
     let epoch = |seed, epoch| -> Vec<store::Batch> {
-        BatchLoader::new(ds.clone(), p.train.clone(), 16, seed, epoch, true, 2).collect()
+        BatchLoader::new(
+            ds.clone(),
+            p.train.clone(),
+            16,
+            seed,
+            epoch..epoch + 1,
+            true,
+            2,
+        )
+        .collect()
     };
     let b1 = epoch(7, 0);
     let b2 = epoch(7, 0);
@@ -354,8 +363,18 @@ fn lagged_pairs_split_and_batches() {
             );
         }
     }
+    // One loader over several epochs gives the same batches as one loader per epoch, and marks
+    // the epoch boundaries.
+    let multi: Vec<store::Batch> =
+        BatchLoader::new(ds.clone(), p.train.clone(), 16, 7, 0..2, true, 2).collect();
+    assert_eq!(order(&multi), [order(&b1), order(&b3)].concat());
+    assert_eq!(multi.iter().filter(|b| b.last_in_epoch).count(), 2);
+    assert!(
+        multi.iter().take(b1.len()).all(|b| b.epoch == 0)
+            && multi.iter().skip(b1.len()).all(|b| b.epoch == 1)
+    );
     // Dropping a loader early stops its thread.
-    let mut l = BatchLoader::new(ds.clone(), p.train.clone(), 4, 1, 0, true, 1);
+    let mut l = BatchLoader::new(ds.clone(), p.train.clone(), 4, 1, 0..1, true, 1);
     assert!(l.next().is_some());
     drop(l);
     let _ = std::fs::remove_dir_all(dir);

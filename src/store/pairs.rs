@@ -5,7 +5,7 @@
 use super::Dataset;
 use crate::testing::Rng;
 use anyhow::{bail, ensure, Result};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -157,59 +157,94 @@ impl LaggedPairs {
     }
 }
 
-/// A batch of pairs: coordinates `[batch, atoms, 3]` of x_t and of x_{t+tau}.
-#[derive(Clone, Debug)]
+/// A batch of pairs: coordinates `[batch, atoms, 3]` of x_t and of x_{t+tau}. When a batch from
+/// a [`BatchLoader`] is dropped, its buffers go back to the loader for the next batch: fresh
+/// multi-megabyte buffers per batch would cost more in page faults than the copying itself.
+#[derive(Debug)]
 pub struct Batch {
+    /// The epoch this batch belongs to.
+    pub epoch: u64,
+    /// Whether it is the last batch of its epoch.
+    pub last_in_epoch: bool,
     /// The pairs in this batch.
     pub pairs: Vec<PairIndex>,
     /// Coordinates at t.
     pub x_t: Vec<f32>,
     /// Coordinates at t + lag.
     pub x_lag: Vec<f32>,
+    recycle: Option<SyncSender<(Vec<f32>, Vec<f32>)>>,
 }
 
-/// Gathers batches in a background thread, `prefetch` ahead of the consumer. Each epoch visits
-/// every pair once in an order drawn from `seed` and the epoch number, so runs are reproducible
-/// and a resumed run can restart at any epoch.
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(tx) = self.recycle.take() {
+            let _ = tx.try_send((
+                std::mem::take(&mut self.x_t),
+                std::mem::take(&mut self.x_lag),
+            ));
+        }
+    }
+}
+
+/// Gathers batches in a background thread, `prefetch` ahead of the consumer, for a range of
+/// epochs. Each epoch visits every pair once in an order drawn from `seed` and the epoch number,
+/// so runs are reproducible and a resumed run can restart at any epoch.
 pub struct BatchLoader {
     rx: Receiver<Batch>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl BatchLoader {
-    /// Starts the loader over `pairs` for `epoch`.
+    /// Starts the loader over `pairs` for the given epochs.
     pub fn new(
         ds: Arc<Dataset>,
         pairs: Vec<PairIndex>,
         batch_size: usize,
         seed: u64,
-        epoch: u64,
+        epochs: std::ops::Range<u64>,
         shuffle: bool,
         prefetch: usize,
     ) -> Self {
         let (tx, rx) = sync_channel(prefetch.max(1));
+        // Buffers of dropped batches come back here; at most prefetch + 2 batches are alive.
+        let (recycle_tx, recycle_rx) = sync_channel::<(Vec<f32>, Vec<f32>)>(prefetch.max(1) + 2);
         let worker = std::thread::spawn(move || {
-            let mut order = pairs;
-            if shuffle {
-                let mut rng = Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                for i in (1..order.len()).rev() {
-                    order.swap(i, rng.below(i + 1));
-                }
-            }
             let stride = ds.natoms() * 3;
-            for chunk in order.chunks(batch_size.max(1)) {
-                let mut b = Batch {
-                    pairs: chunk.to_vec(),
-                    x_t: Vec::with_capacity(chunk.len() * stride),
-                    x_lag: Vec::with_capacity(chunk.len() * stride),
-                };
-                for p in chunk {
-                    let t = &ds.trajectories[p.traj as usize];
-                    b.x_t.extend_from_slice(t.frame(p.t as usize));
-                    b.x_lag.extend_from_slice(t.frame((p.t + p.lag) as usize));
+            let batch_size = batch_size.max(1);
+            for epoch in epochs {
+                let mut order = pairs.clone();
+                if shuffle {
+                    let mut rng = Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    for i in (1..order.len()).rev() {
+                        order.swap(i, rng.below(i + 1));
+                    }
                 }
-                if tx.send(b).is_err() {
-                    return; // the consumer stopped early
+                let nbatches = order.len().div_ceil(batch_size);
+                for (k, chunk) in order.chunks(batch_size).enumerate() {
+                    let (mut x_t, mut x_lag) = recycle_rx.try_recv().unwrap_or_else(|_| {
+                        (
+                            Vec::with_capacity(batch_size * stride),
+                            Vec::with_capacity(batch_size * stride),
+                        )
+                    });
+                    x_t.clear();
+                    x_lag.clear();
+                    let mut b = Batch {
+                        epoch,
+                        last_in_epoch: k + 1 == nbatches,
+                        pairs: chunk.to_vec(),
+                        x_t,
+                        x_lag,
+                        recycle: Some(recycle_tx.clone()),
+                    };
+                    for p in chunk {
+                        let t = &ds.trajectories[p.traj as usize];
+                        b.x_t.extend_from_slice(t.frame(p.t as usize));
+                        b.x_lag.extend_from_slice(t.frame((p.t + p.lag) as usize));
+                    }
+                    if tx.send(b).is_err() {
+                        return; // the consumer stopped early
+                    }
                 }
             }
         });
