@@ -1128,3 +1128,40 @@ fn unknown_extension_is_an_error() {
         &["unknown trajectory format"],
     );
 }
+
+/// A PDB with alternate locations: topology and every frame keep the same one conformer.
+#[test]
+fn pdb_trajectory_with_altlocs_matches_its_topology() {
+    let dir = std::env::temp_dir().join(format!("hiermd-altloc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("alt.pdb");
+    let model = |m: usize, dx: f32| {
+        let mut s = format!("MODEL     {m:>4}\n");
+        for (alt, name, x) in [
+            (' ', "N  ", 0.0f32),
+            (' ', "CA ", 1.0),
+            ('A', "CB ", 2.0),
+            ('B', "CB ", 2.5),
+            (' ', "C  ", 3.0),
+        ] {
+            s += &format!("ATOM      1  {name}{alt}SER A   1    {:8.3}   0.000   0.000  1.00  0.00           C\n", x + dx);
+        }
+        s + "ENDMDL\n"
+    };
+    std::fs::write(&path, model(1, 0.0) + &model(2, 10.0) + "END\n").unwrap();
+    let top = hiermd::topology::read_topology(&path).unwrap();
+    assert_eq!(top.len(), 4, "one conformer: N CA CB(A) C");
+    let mut r = hiermd::traj::open_trajectory(&path).unwrap();
+    assert_eq!(r.natoms(), top.len());
+    let mut f = hiermd::traj::Frame::default();
+    let mut xs = Vec::new();
+    while r.read_frame(&mut f).unwrap() {
+        xs.push(f.coords.iter().step_by(3).copied().collect::<Vec<_>>());
+    }
+    assert_eq!(
+        xs,
+        vec![vec![0.0, 1.0, 2.0, 3.0], vec![10.0, 11.0, 12.0, 13.0]],
+        "CB of location A in every model"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -118,6 +118,9 @@ impl PdbTrajectoryReader {
     /// otherwise the MODEL serial (if any) of the frame read.
     fn read_block(&mut self, coords: &mut Vec<f32>) -> Result<Option<Option<String>>> {
         coords.clear();
+        // The topology keeps one conformer per residue (see AltLocFilter); frames must hold the
+        // same atoms, so every model is filtered the same way.
+        let mut altlocs = crate::topology::AltLocFilter::new();
         let mut model = self.pending_model.take();
         let mut in_model = model.is_some();
         while self.next_line()? {
@@ -144,6 +147,9 @@ impl PdbTrajectoryReader {
                         self.line_no
                     ),
                     _ => {}
+                }
+                if !altlocs.keep(&self.line) {
+                    continue;
                 }
                 if coords.len() >= 3 * MAX_ATOMS {
                     bail!("more than {MAX_ATOMS} atoms in one model");
