@@ -16,9 +16,9 @@ const THREADS: u32 = 256;
 /// Whether the reduction sums or averages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowReduce {
-    /// out[r] = sum_c x[r, c]
+    /// `out[r] = sum_c x[r, c]`
     Sum,
-    /// out[r] = mean_c x[r, c]
+    /// `out[r] = mean_c x[r, c]`
     Mean,
 }
 
@@ -53,7 +53,7 @@ pub fn row_sum_forward_host<R: Real>(x: &[R], out: &mut [R], cols: usize, kind: 
         .for_each(|(o, row)| *o = s * sum8(row));
 }
 
-/// CPU twin of `row_sum_backward`: dx[r, c] = scale dout[r].
+/// CPU twin of `row_sum_backward`: `dx[r, c] = scale * dout[r]`.
 pub fn row_sum_backward_host<R: Real>(dout: &[R], dx: &mut [R], cols: usize, kind: RowReduce) {
     let s = R::of(kind.scale(cols));
     dx.par_chunks_mut(cols.max(1))
@@ -73,7 +73,7 @@ fn dims(op: &str, x_len: usize, rows: usize, cols: usize) -> Result<()> {
     Ok(())
 }
 
-/// out[r] = sum (or mean) over the columns of row r of `x` (`[rows, cols]`).
+/// `out[r]` = sum (or mean) over the columns of row `r` of `x` (`[rows, cols]`).
 pub fn row_sum_forward(
     x: &Tensor<f32>,
     out: &mut Tensor<f32>,
@@ -107,7 +107,7 @@ pub fn row_sum_forward(
     }
 }
 
-/// dx[r, c] = dout[r] (times 1/cols for the mean). Assigns dx.
+/// `dx[r, c] = dout[r]` (times `1/cols` for the mean). Assigns `dx`.
 pub fn row_sum_backward(
     dout: &Tensor<f32>,
     dx: &mut Tensor<f32>,
