@@ -34,6 +34,8 @@ fn main() {
         .flag_if_supported("-Wall")
         .flag_if_supported("-Wextra")
         .flag_if_supported("-Wno-unused-parameter")
+        // `#pragma unroll` is nvcc's; the host compiler only needs to ignore it.
+        .flag_if_supported("-Wno-unknown-pragmas")
         .warnings_into_errors(true);
     for src in &sources {
         build.file(src);
