@@ -182,8 +182,11 @@ fn run_on(test: &str, with_cpu: bool, body: impl Fn(&Device) -> Result<()>) {
             Availability::Missing(why) => skipped.push(format!("{name} ({why})")),
         }
     }
-    println!(
-        "[{test}] seed {}: ran on {}; skipped {}",
+    // Straight to the stderr handle, not eprintln!: the test harness captures the print macros of
+    // passing tests, and this line (which devices ran, which were skipped and why) must show in
+    // every plain `cargo test` run.
+    let line = format!(
+        "[{test}] seed {}: ran on {}; skipped {}\n",
         test_seed(),
         if ran.is_empty() {
             "nothing".into()
@@ -196,6 +199,7 @@ fn run_on(test: &str, with_cpu: bool, body: impl Fn(&Device) -> Result<()>) {
             skipped.join(", ")
         }
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     if !failures.is_empty() {
         panic!(
             "[{test}] failed (replay with HIERMD_TEST_SEED={}):\n  {}",
