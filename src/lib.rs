@@ -16,6 +16,7 @@ pub mod demo;
 pub mod device;
 pub mod launch;
 pub mod ops;
+pub mod optim;
 pub mod progress;
 pub mod select;
 pub mod store;
