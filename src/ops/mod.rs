@@ -3,6 +3,7 @@
 //! in `cuda/`, and a backward; tests in `tests/` of the same name run it on every device.
 
 pub mod elementwise;
+pub mod gemm;
 pub mod reduce;
 
 use crate::device::Device;
