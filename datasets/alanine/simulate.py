@@ -146,19 +146,25 @@ def subset_indices(topology, atoms):
 def cut_back(path, nframes):
     """Truncates trajectory `path` (XTC or DCD) to its first `nframes` frames."""
     if path.endswith(".xtc"):
-        end = 0
-        for k, (_, _, _, _, stop) in enumerate(trajio.xtc_frames(path)):
-            if k == nframes:
-                break
-            end = stop
-        else:
-            if k + 1 < nframes:
-                raise RuntimeError(f"{path}: {k + 1} frames, checkpoint expects {nframes}")
-    else:
-        n = len(trajio.read_dcd(path))
-        if n < nframes:
-            raise RuntimeError(f"{path}: {n} frames, checkpoint expects {nframes}")
-        return  # DCDReporter(append=True) rewrites the header; extra frames are not expected
+        end, count = 0, 0
+        if nframes > 0:
+            for _, _, _, _, stop in trajio.xtc_frames(path):  # parses no frame after the last kept
+                end, count = stop, count + 1
+                if count == nframes:
+                    break
+        if count < nframes:
+            raise RuntimeError(f"{path}: {count} frames, checkpoint expects {nframes}")
+    else:  # DCD: fixed-size frames after the header
+        import struct
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+        has_cell = struct.unpack("<i", head[48:52])[0] != 0
+        ntitle = struct.unpack("<i", head[92:96])[0]
+        off = 92 + 4 + ntitle + 4
+        natoms = struct.unpack("<i", head[off + 4:off + 8])[0]
+        end = off + 12 + nframes * ((56 if has_cell else 0) + 3 * (8 + 4 * natoms))
+        if os.path.getsize(path) < end:
+            raise RuntimeError(f"{path}: fewer than the {nframes} frames the checkpoint expects")
     with open(path, "r+b") as fh:
         fh.truncate(end)
 
