@@ -82,8 +82,12 @@ fn remove_stale_temps(out: &Path) -> Result<()> {
             .strip_prefix(&prefix)
             .and_then(|p| p.parse::<u32>().ok())
         {
-            let alive = Path::new(&format!("/proc/{pid}")).exists() && pid != std::process::id();
-            if !alive || pid == std::process::id() {
+            // Our own pid means a leftover of an earlier process that had it; another pid is
+            // stale once its process is gone (checked through /proc, so elsewhere every
+            // leftover counts as stale).
+            let other_alive =
+                pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
+            if !other_alive {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
