@@ -10,19 +10,9 @@ use hiermd::testing::{test_devices, Availability, Rng};
 use hiermd::{Device, Tensor};
 use std::time::Instant;
 
-/// Median seconds of `reps` runs after one warm-up run (device synchronised each time).
-fn median(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    dev.synchronize()?;
-    let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let s = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        t.push(s.elapsed().as_secs_f64());
-    }
-    t.sort_by(|a, b| a.total_cmp(b));
-    Ok(t[reps / 2])
+/// Median seconds of `reps` runs after 1 warm-up run(s) (see `testing::median_seconds`).
+fn median(dev: &Device, reps: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    hiermd::testing::median_seconds(dev, 1, reps, f)
 }
 
 // ---------------------------------------------------------------------------------------------

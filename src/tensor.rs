@@ -248,7 +248,7 @@ impl<T: Element> Tensor<T> {
     pub fn fill_bytes(&mut self, byte: u8) -> Result<()> {
         let mem = self.mem.clone();
         match &mem.device {
-            Device::Cuda(c) => c.upload(self.address(), &vec![byte; self.bytes()]),
+            Device::Cuda(c) => c.memset(self.address(), byte, self.bytes()),
             _ => {
                 bytemuck::cast_slice_mut::<T, u8>(self.host_mut().unwrap()).fill(byte);
                 Ok(())

@@ -241,6 +241,30 @@ macro_rules! kernel_test {
     };
 }
 
+/// Median wall time in seconds of `reps` runs of `f`, after `warmups` untimed runs; the device
+/// is synchronised after each run so that queued GPU work is counted. For benchmarks, never for
+/// assertions.
+pub fn median_seconds(
+    dev: &Device,
+    warmups: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmups {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let s = std::time::Instant::now();
+        f()?;
+        dev.synchronize()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
 /// Result of comparing values with a reference.
 #[derive(Clone, Copy, Debug)]
 pub struct Comparison {

@@ -174,6 +174,15 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Sets `bytes` bytes at `dst` to `byte`, queued on the device stream (no host buffer).
+    pub(crate) fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `dst` holds at least `bytes` bytes (checked by the tensor layer) and was
+        // allocated in this context; the stream is this device's.
+        unsafe { result::memset_d8_async(dst, byte, bytes, self.stream) }
+            .with_context(|| format!("cuda:{}: memset of {bytes} bytes", self.info.ordinal))
+    }
+
     pub(crate) fn download(&self, dst: &mut [u8], src: u64) -> Result<()> {
         self.bind()?;
         // SAFETY: `src` holds at least dst.len() bytes (checked by the tensor layer).
