@@ -55,3 +55,10 @@ extern "C" __global__ void scale(const float* __restrict__ x, float* __restrict_
         y[i] = alpha * x[i];
 }
 HIERMD_EXPORT_KERNEL(scale)
+
+/// y += alpha * x: accumulates a gradient contribution (fan-out in the tape's backward pass).
+extern "C" __global__ void accumulate(const float* __restrict__ x, float* __restrict__ y, float alpha, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] += alpha * x[i];
+}
+HIERMD_EXPORT_KERNEL(accumulate)

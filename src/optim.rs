@@ -1032,7 +1032,7 @@ fn summarise(names: &[String]) -> String {
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsynced, renamed over `path`,
 /// then the folder fsynced so the rename itself survives a crash.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let file_name = path

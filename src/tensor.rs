@@ -167,6 +167,26 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// The same memory under another shape with as many elements (consumes the tensor, so no
+    /// two live tensors alias).
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        self.set_shape(shape)?;
+        Ok(self)
+    }
+
+    /// Gives the tensor another shape with as many elements.
+    pub fn set_shape(&mut self, shape: &[usize]) -> Result<()> {
+        let n: usize = shape.iter().product();
+        ensure!(
+            n == self.len(),
+            "reshape of a tensor of shape {:?} ({} elements) to {shape:?} ({n} elements)",
+            self.shape,
+            self.len()
+        );
+        self.shape = shape.to_vec();
+        Ok(())
+    }
+
     /// The device it lives on.
     pub fn device(&self) -> &Device {
         &self.mem.device

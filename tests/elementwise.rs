@@ -221,3 +221,25 @@ fn elementwise_gradients_match_finite_differences() {
     )
     .is_err());
 }
+
+device_test!(accumulate_adds_in_place, |dev| {
+    let mut rng = Rng::for_test("accumulate_adds_in_place");
+    for n in sizes(dev) {
+        let x = rng.normal_vec(n, 1.0);
+        let y0 = rng.normal_vec(n, 1.0);
+        let alpha = rng.range(-2.0, 2.0) as f32;
+        let mut want = to64(&y0);
+        ew::accumulate_host(alpha as f64, &to64(&x), &mut want);
+        let xt = Tensor::from_slice(dev, &[n], &x)?;
+        let mut yt = Tensor::from_slice(dev, &[n], &y0)?;
+        ew::accumulate(alpha, &xt, &mut yt)?;
+        assert_close(
+            &format!("accumulate n={n}"),
+            &yt.to_vec()?,
+            &want,
+            ATOL,
+            RTOL,
+        )?;
+    }
+    Ok(())
+});

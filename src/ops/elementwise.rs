@@ -269,3 +269,35 @@ pub fn scale(alpha: f32, x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
 pub fn scale_backward(alpha: f32, dy: &Tensor<f32>, dx: &mut Tensor<f32>) -> Result<()> {
     scale(alpha, dy, dx)
 }
+
+/// CPU twin of `accumulate`: y += alpha x.
+pub fn accumulate_host<R: Real>(alpha: R, x: &[R], y: &mut [R]) {
+    y.par_chunks_mut(CPU_CHUNK)
+        .zip(x.par_chunks(CPU_CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = *y + alpha * x;
+            }
+        });
+}
+
+/// y += alpha x (in place): how a gradient with several consumers is summed.
+pub fn accumulate(alpha: f32, x: &Tensor<f32>, y: &mut Tensor<f32>) -> Result<()> {
+    let (dev, n) = unary("accumulate", x, y)?;
+    match dev {
+        Device::Cpu => {
+            accumulate_host(alpha, x.host().unwrap(), y.host_mut().unwrap());
+            Ok(())
+        }
+        _ => launch(
+            dev,
+            &k::ACCUMULATE,
+            LaunchConfig::for_elements(n, THREADS),
+            KernelArgs::new()
+                .input(x)
+                .output(y)
+                .f32(alpha)
+                .i64(n as i64),
+        ),
+    }
+}

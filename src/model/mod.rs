@@ -1,0 +1,5 @@
+//! Models: the stages of the pipeline assembled from [`crate::nn`] layers.
+
+pub mod token;
+
+pub use token::{Pooling, TokenBatch, TokenModel, TokenModelConfig, TokenOutput};

@@ -1,0 +1,330 @@
+//! The token model (SPEC step 3b-4): residue tokens in, one output vector per frame out.
+//!
+//! ```text
+//! (s, v) residue tokens [B, R, Hin], [B, R, 3, Hin]
+//!   -> EquiLinear(Hin -> H)
+//!   -> residue graph convolution on C-alpha positions (optional; cheap or gated)
+//!   -> window merger (w residues per token: R -> ceil(R / w))
+//!   -> sinusoidal position encoding on s
+//!   -> N x [ x += EqSDPA(EqLN(x)); x += EqFFN(EqLN(x)) ]
+//!   -> pool over tokens (mean or first) -> Linear + SiLU -> Linear -> [B, out]
+//! ```
+//!
+//! Configured from TOML ([`TokenModelConfig`]); initialised from a seed, so the same
+//! configuration and seed give the same parameters on every device.
+
+use crate::nn::layers::{
+    EqBlock, EquiLinear, GraphConvKind, Linear, ResidueGraphConv, WindowMerger,
+};
+use crate::nn::{self, tokens};
+use crate::ops::graph_conv::{edge_rbf_forward, ResidueGraph};
+use crate::ops::tokens::{merged_token_mask, padded_tokens, Pool};
+use crate::tape::{ParamStore, Tape, Var};
+use crate::tensor::Tensor;
+use crate::Device;
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Pooling over tokens, as written in TOML.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over the (unpadded) tokens.
+    Mean,
+    /// The first token.
+    First,
+}
+
+/// The token model's shape, read from TOML. Every field but `input_channels` has a default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenModelConfig {
+    /// Channels of the residue tokens coming in (the atom stage's H).
+    pub input_channels: usize,
+    /// Channels inside the model (H).
+    pub hidden: usize,
+    /// Attention heads (H must be a multiple).
+    pub heads: usize,
+    /// Transformer blocks (N).
+    pub blocks: usize,
+    /// Residues merged per token (w).
+    pub window: usize,
+    /// Residue graph convolution before merging: none, "cheap" or "gated".
+    pub graph_conv: Option<GraphConvKind>,
+    /// Its C-alpha radius in Angstrom.
+    pub graph_cutoff: f32,
+    /// Radial basis functions of the gated convolution.
+    pub graph_rbf: usize,
+    /// Pooling over tokens.
+    pub pooling: Pooling,
+    /// Dropout probability on every branch of every block.
+    pub dropout: f32,
+    /// Hidden width of each block's EqFFN (default: H).
+    pub ffn_hidden: Option<usize>,
+    /// Hidden width of the output MLP (default: H).
+    pub mlp_hidden: Option<usize>,
+    /// Width of the output (e.g. the number of VAMP states).
+    pub output: usize,
+    /// Layer-norm epsilon.
+    pub eps: f32,
+    /// Seed of the initialisation.
+    pub seed: u64,
+}
+
+impl Default for TokenModelConfig {
+    fn default() -> Self {
+        Self {
+            input_channels: 64,
+            hidden: 64,
+            heads: 4,
+            blocks: 2,
+            window: 1,
+            graph_conv: None,
+            graph_cutoff: 8.0,
+            graph_rbf: 16,
+            pooling: Pooling::Mean,
+            dropout: 0.0,
+            ffn_hidden: None,
+            mlp_hidden: None,
+            output: 4,
+            eps: 1e-5,
+            seed: 0,
+        }
+    }
+}
+
+impl TokenModelConfig {
+    /// Parses TOML text (unknown keys are errors).
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let c: Self = toml::from_str(text).context("token model configuration")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Checks sizes and probabilities; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.input_channels > 0, "input_channels must be positive");
+        ensure!(self.hidden > 0, "hidden must be positive");
+        ensure!(
+            self.heads > 0 && self.hidden % self.heads == 0,
+            "heads = {} must divide hidden = {}",
+            self.heads,
+            self.hidden
+        );
+        ensure!(self.window > 0, "window must be at least 1");
+        ensure!(self.output > 0, "output must be positive");
+        ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "dropout = {} must be in [0, 1)",
+            self.dropout
+        );
+        ensure!(
+            self.graph_cutoff > 0.0 && self.graph_cutoff.is_finite(),
+            "graph_cutoff = {} must be a positive distance in Angstrom",
+            self.graph_cutoff
+        );
+        ensure!(self.graph_rbf > 0, "graph_rbf must be positive");
+        ensure!(self.eps > 0.0, "eps must be positive");
+        Ok(())
+    }
+}
+
+/// One batch of frames as residue tokens.
+pub struct TokenBatch {
+    /// Scalar features `[B, R, Hin]`.
+    pub s: Tensor<f32>,
+    /// Vector features `[B, R, 3, Hin]`.
+    pub v: Tensor<f32>,
+    /// C-alpha positions `[B, R, 3]` in Angstrom (host), for the graph convolution.
+    pub ca: Option<Vec<f32>>,
+    /// Valid residues `[B, R]` (1) and padding (0), when frames of different sizes share a batch.
+    pub mask: Option<Vec<u8>>,
+}
+
+/// What [`TokenModel::forward`] leaves on the tape.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenOutput {
+    /// The model output `[B, out]`.
+    pub out: Var,
+    /// Final token scalars `[B, T', H]`.
+    pub s: Var,
+    /// Final token vectors `[B, T', 3, H]`.
+    pub v: Var,
+}
+
+/// The token model's layers (its parameters live in the tape's [`ParamStore`]).
+pub struct TokenModel {
+    config: TokenModelConfig,
+    embed: EquiLinear,
+    graph: Option<ResidueGraphConv>,
+    merger: Option<WindowMerger>,
+    blocks: Vec<EqBlock>,
+    mlp: Linear,
+    head: Linear,
+}
+
+impl TokenModel {
+    /// Creates the layers, adding their parameters to `ps` in a fixed order.
+    pub fn new(config: TokenModelConfig, ps: &mut ParamStore) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let h = c.hidden;
+        let embed = EquiLinear::new(ps, "embed", c.input_channels, h)?;
+        let graph = c
+            .graph_conv
+            .map(|k| ResidueGraphConv::new(ps, "graph_conv", h, k, c.graph_rbf))
+            .transpose()?;
+        let merger = (c.window > 1)
+            .then(|| WindowMerger::new(ps, "merge", h, c.window))
+            .transpose()?;
+        let blocks = (0..c.blocks)
+            .map(|i| {
+                EqBlock::new(
+                    ps,
+                    &format!("block{i}"),
+                    h,
+                    c.heads,
+                    c.ffn_hidden.unwrap_or(h),
+                    c.dropout,
+                    c.eps,
+                )
+            })
+            .collect::<Result<_>>()?;
+        let mh = c.mlp_hidden.unwrap_or(h);
+        let mlp = Linear::new(ps, "mlp", h, mh, true)?;
+        let head = Linear::new(ps, "out", mh, c.output, true)?;
+        Ok(Self {
+            config,
+            embed,
+            graph,
+            merger,
+            blocks,
+            mlp,
+            head,
+        })
+    }
+
+    /// A fresh parameter store on `device` with this model's parameters, and the model.
+    pub fn create(config: TokenModelConfig, device: &Device) -> Result<(Self, ParamStore)> {
+        let mut ps = ParamStore::new(device, config.seed);
+        let m = Self::new(config, &mut ps)?;
+        Ok((m, ps))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TokenModelConfig {
+        &self.config
+    }
+
+    /// Tokens after merging `residues` residues.
+    pub fn tokens(&self, residues: usize) -> usize {
+        padded_tokens(residues, self.config.window)
+    }
+
+    /// Runs the model on a batch, recording on `tape`. The input features need no gradient
+    /// unless recorded with [`Tape::input_with_grad`] by [`TokenModel::forward_vars`].
+    pub fn forward(&self, tape: &mut Tape, batch: &TokenBatch) -> Result<TokenOutput> {
+        let dev = tape.device().clone();
+        let s = copy_onto(tape, &batch.s, &dev)?;
+        let s = tape.input(s)?;
+        let v = copy_onto(tape, &batch.v, &dev)?;
+        let v = tape.input(v)?;
+        self.forward_vars(tape, s, v, batch.ca.as_deref(), batch.mask.as_deref())
+    }
+
+    /// As [`TokenModel::forward`] from token features already on the tape.
+    pub fn forward_vars(
+        &self,
+        tape: &mut Tape,
+        s: Var,
+        v: Var,
+        ca: Option<&[f32]>,
+        mask: Option<&[u8]>,
+    ) -> Result<TokenOutput> {
+        let c = &self.config;
+        let (b, r, cs, hin) = tokens::dims(tape, s)?;
+        ensure!(
+            cs == 1 && hin == c.input_channels,
+            "token model: scalar tokens are {:?}, expected [B, R, {}]",
+            tape.shape(s),
+            c.input_channels
+        );
+        ensure!(
+            tape.shape(v) == [b, r, 3, hin],
+            "token model: vector tokens are {:?}, expected [{b}, {r}, 3, {hin}]",
+            tape.shape(v)
+        );
+        if let Some(m) = mask {
+            ensure!(
+                m.len() == b * r,
+                "token model: the mask has {} entries for {b} frames of {r} residues",
+                m.len()
+            );
+        }
+        let dev = tape.device().clone();
+        let (mut s, mut v) = self.embed.forward(tape, s, v)?;
+        if let Some(conv) = &self.graph {
+            let Some(ca) = ca else {
+                anyhow::bail!("token model: the residue graph convolution needs C-alpha positions");
+            };
+            ensure!(
+                ca.len() == b * r * 3,
+                "token model: {} C-alpha coordinates for {b} frames of {r} residues",
+                ca.len()
+            );
+            let g = ResidueGraph::build(ca, b, r, mask, c.graph_cutoff)?;
+            let dg = Arc::new(g.to_device(&dev)?);
+            let rbf = if matches!(c.graph_conv, Some(GraphConvKind::Gated)) {
+                let mut e = tape.alloc(&[g.edges(), c.graph_rbf])?;
+                edge_rbf_forward(dg.dist(), &mut e, c.graph_cutoff, c.graph_rbf)?;
+                Some(tape.input(e)?)
+            } else {
+                None
+            };
+            (s, v) = conv.forward(tape, s, v, &dg, rbf)?;
+        }
+        let mut token_mask = mask.map(<[u8]>::to_vec);
+        if let Some(merger) = &self.merger {
+            (s, v) = merger.forward(tape, s, v)?;
+            token_mask = token_mask.map(|m| merged_token_mask(&m, r, merger.w));
+        }
+        let t = self.tokens(r);
+        let mask_t = token_mask
+            .map(|m| Tensor::from_slice(&dev, &[b, t], &m).map(Arc::new))
+            .transpose()?;
+        s = tokens::position_encoding(tape, s)?;
+        for block in &self.blocks {
+            (s, v) = block.forward(tape, s, v, mask_t.clone())?;
+        }
+        let kind = match c.pooling {
+            Pooling::Mean => Pool::Mean,
+            Pooling::First => Pool::First,
+        };
+        let pooled = tokens::pool(tape, s, mask_t, kind)?;
+        let hdn = self.mlp.forward(tape, pooled)?;
+        let hdn = nn::silu(tape, hdn)?;
+        let out = self.head.forward(tape, hdn)?;
+        Ok(TokenOutput { out, s, v })
+    }
+}
+
+/// A copy of `t` in tape memory on `dev` (device to device when it is already there).
+fn copy_onto(tape: &mut Tape, t: &Tensor<f32>, dev: &Device) -> Result<Tensor<f32>> {
+    if t.device().same(dev) {
+        let mut c = tape.alloc(t.shape())?;
+        crate::ops::elementwise::scale(1.0, t, &mut c)?;
+        Ok(c)
+    } else {
+        t.to_device(dev)
+    }
+}

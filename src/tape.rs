@@ -1,0 +1,671 @@
+//! The tape: reverse-mode differentiation without a framework.
+//!
+//! Forward ops ([`crate::nn`]) run their kernel at once and record a backward closure that names
+//! the values it needs by [`Var`] (activations on the tape) and [`ParamId`] (weights in the
+//! [`ParamStore`]). [`Tape::backward`] replays the records in reverse. As in llm.c, parameter
+//! gradients accumulate (`+=`, so several micro-batches may add into them before a step) and
+//! activation gradients are assigned by the first contribution and accumulated by later ones
+//! (a value read by two ops, like a residual stream, gets the sum).
+//!
+//! Memory: every tensor the tape hands out comes from a pool keyed by length. After the first
+//! step the pool holds exactly what a step needs, so later steps allocate nothing (what matters
+//! on a GPU, where an allocation synchronises); [`Tape::pool_bytes`] is the step's peak activation
+//! memory. Ops save what their backward needs and recompute the rest where that is cheaper than
+//! keeping it (dropout masks are regenerated from their seed; layer norms keep three statistics
+//! per row, not their normalised output). Gradients are released as soon as their producer's
+//! backward has run.
+//!
+//! A value gets a gradient only if it depends on a trainable parameter or on an input marked
+//! with [`Tape::input_with_grad`]; frozen parameters ([`ParamStore::freeze`]) get none.
+
+use crate::device::Device;
+use crate::ops::elementwise;
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A value recorded on a tape (index into it; valid until [`Tape::reset`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(pub(crate) usize);
+
+/// A parameter in a [`ParamStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ParamId(pub(crate) usize);
+
+/// How a parameter is first filled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Every element this value (0 for biases and shifts, 1 for norm scales).
+    Constant(f32),
+    /// Uniform in [-bound, bound] (PyTorch's Linear default is bound = 1/sqrt(fan_in)).
+    Uniform(f32),
+    /// Normal with this standard deviation.
+    Normal(f32),
+}
+
+/// Named f32 parameters with their gradients, on one device, in a fixed order (the order of
+/// creation: the optimiser and checkpoints rely on it).
+pub struct ParamStore {
+    device: Device,
+    names: Vec<String>,
+    values: Vec<Tensor<f32>>,
+    grads: Vec<Tensor<f32>>,
+    frozen: Vec<bool>,
+    rng: crate::testing::Rng,
+}
+
+impl ParamStore {
+    /// An empty store whose initialisations draw from `seed`: the same seed and the same sequence
+    /// of [`ParamStore::add`] calls give bit-identical parameters on every device.
+    pub fn new(device: &Device, seed: u64) -> Self {
+        Self {
+            device: device.clone(),
+            names: Vec::new(),
+            values: Vec::new(),
+            grads: Vec::new(),
+            frozen: Vec::new(),
+            rng: crate::testing::Rng::new(seed),
+        }
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Adds a parameter (unique name) with a zeroed gradient.
+    pub fn add(&mut self, name: &str, shape: &[usize], init: Init) -> Result<ParamId> {
+        ensure!(
+            !self.names.iter().any(|n| n == name),
+            "parameter {name:?} declared twice"
+        );
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match init {
+            Init::Constant(c) => vec![c; n],
+            Init::Uniform(b) => (0..n)
+                .map(|_| self.rng.range(-b as f64, b as f64) as f32)
+                .collect(),
+            Init::Normal(sd) => (0..n)
+                .map(|_| (self.rng.normal() * sd as f64) as f32)
+                .collect(),
+        };
+        self.values.push(
+            Tensor::from_slice(&self.device, shape, &data)
+                .with_context(|| format!("parameter {name:?}"))?,
+        );
+        self.grads.push(Tensor::zeros(&self.device, shape)?);
+        self.names.push(name.to_string());
+        self.frozen.push(false);
+        Ok(ParamId(self.values.len() - 1))
+    }
+
+    /// Number of parameter tensors.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Number of scalar parameters.
+    pub fn numel(&self) -> usize {
+        self.values.iter().map(Tensor::len).sum()
+    }
+
+    /// Bytes of values and gradients.
+    pub fn bytes(&self) -> usize {
+        self.values.iter().map(Tensor::bytes).sum::<usize>() * 2
+    }
+
+    /// Names, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The id of a named parameter.
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.names.iter().position(|n| n == name).map(ParamId)
+    }
+
+    /// A parameter's value.
+    pub fn value(&self, id: ParamId) -> &Tensor<f32> {
+        &self.values[id.0]
+    }
+
+    /// A parameter's value, to overwrite.
+    pub fn value_mut(&mut self, id: ParamId) -> &mut Tensor<f32> {
+        &mut self.values[id.0]
+    }
+
+    /// A parameter's accumulated gradient.
+    pub fn grad(&self, id: ParamId) -> &Tensor<f32> {
+        &self.grads[id.0]
+    }
+
+    /// Excludes a parameter from training: no gradient is computed for it, and
+    /// [`ParamStore::trainable`] leaves it out.
+    pub fn freeze(&mut self, id: ParamId) {
+        self.frozen[id.0] = true;
+    }
+
+    /// Whether a parameter gets gradients.
+    pub fn is_trainable(&self, id: ParamId) -> bool {
+        !self.frozen[id.0]
+    }
+
+    /// Sets every gradient to zero (before accumulating a new step's).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        for g in &mut self.grads {
+            g.fill_bytes(0)?;
+        }
+        Ok(())
+    }
+
+    /// The trainable parameters as the optimiser takes them: names, values (mutable) and
+    /// gradients, in store order.
+    pub fn trainable(&mut self) -> (Vec<&str>, Vec<&mut Tensor<f32>>, Vec<&Tensor<f32>>) {
+        let mut names = Vec::new();
+        let mut values = Vec::new();
+        let mut grads = Vec::new();
+        for (((n, v), g), &f) in self
+            .names
+            .iter()
+            .zip(self.values.iter_mut())
+            .zip(&self.grads)
+            .zip(&self.frozen)
+        {
+            if !f {
+                names.push(n.as_str());
+                values.push(v);
+                grads.push(g);
+            }
+        }
+        (names, values, grads)
+    }
+
+    /// Writes every value to a safetensors file (f32, by name), atomically: a temporary file is
+    /// written, fsynced and renamed over `path`.
+    pub fn save(&self, path: impl AsRef<Path>, metadata: &HashMap<String, String>) -> Result<()> {
+        let path = path.as_ref();
+        let host: Vec<Vec<f32>> = self
+            .values
+            .iter()
+            .map(Tensor::to_vec)
+            .collect::<Result<_>>()?;
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
+            .names
+            .iter()
+            .zip(&self.values)
+            .zip(&host)
+            .map(|((n, t), h)| {
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    t.shape().to_vec(),
+                    bytemuck::cast_slice(h),
+                )
+                .map(|v| (n.clone(), v))
+                .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::serialize(views, Some(metadata.clone()))
+            .with_context(|| format!("serialising parameters for {}", path.display()))?;
+        crate::optim::write_atomic(path, &bytes)
+    }
+
+    /// Reads values written by [`ParamStore::save`]: every parameter of the store must be in
+    /// the file with its shape. Returns the file's metadata.
+    pub fn load(&mut self, path: impl AsRef<Path>) -> Result<HashMap<String, String>> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        for (name, value) in self.names.iter().zip(self.values.iter_mut()) {
+            let t = st
+                .tensor(name)
+                .with_context(|| format!("{}: parameter {name:?} is missing", path.display()))?;
+            ensure!(
+                t.dtype() == safetensors::Dtype::F32 && t.shape() == value.shape(),
+                "{}: parameter {name:?} is {:?} {:?}, the model expects F32 {:?}",
+                path.display(),
+                t.dtype(),
+                t.shape(),
+                value.shape()
+            );
+            let data: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            value.copy_from_slice(&data)?;
+        }
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+}
+
+/// Recycled f32 tensors, keyed by length.
+#[derive(Default)]
+struct Pool {
+    free: HashMap<usize, Vec<Tensor<f32>>>,
+    /// Bytes of every tensor the pool has ever made (held by the tape or free).
+    bytes: usize,
+    /// Fill handed-out tensors with NaN (tests): a read before a write shows.
+    poison: bool,
+}
+
+impl Pool {
+    fn take(&mut self, device: &Device, shape: &[usize]) -> Result<Tensor<f32>> {
+        let n: usize = shape.iter().product();
+        let mut t = match self.free.get_mut(&n).and_then(Vec::pop) {
+            Some(t) => t.reshape(shape)?,
+            None => {
+                self.bytes += n * 4;
+                Tensor::zeros(device, shape)?
+            }
+        };
+        if self.poison {
+            t.poison()?;
+        }
+        Ok(t)
+    }
+
+    fn give(&mut self, t: Tensor<f32>) {
+        self.free.entry(t.len()).or_default().push(t);
+    }
+}
+
+/// What a backward closure sees: the values on the tape and the parameters (read), the
+/// gradients of its inputs and of the parameters (write).
+pub struct Ctx<'a> {
+    /// Values of the tape, by [`Var`].
+    pub vals: &'a [Tensor<f32>],
+    /// Parameter values, by [`ParamId`].
+    pub params: &'a [Tensor<f32>],
+    pgrads: &'a mut [Tensor<f32>],
+    frozen: &'a [bool],
+    grads: &'a mut [Option<Tensor<f32>>],
+    needs: &'a [bool],
+    pool: &'a mut Pool,
+    device: &'a Device,
+}
+
+impl Ctx<'_> {
+    /// Whether `v`'s gradient is wanted (skip work for values that do not need one).
+    pub fn needs(&self, v: Var) -> bool {
+        self.needs[v.0]
+    }
+
+    /// Whether a parameter's gradient is wanted.
+    pub fn needs_param(&self, p: ParamId) -> bool {
+        !self.frozen[p.0]
+    }
+
+    /// The gradient of a parameter, to accumulate into (`+=`).
+    pub fn param_grad(&mut self, p: ParamId) -> &mut Tensor<f32> {
+        &mut self.pgrads[p.0]
+    }
+
+    /// Gradients of several distinct parameters at once, to accumulate into.
+    pub fn param_grads<const N: usize>(
+        &mut self,
+        ps: [ParamId; N],
+    ) -> Result<[&mut Tensor<f32>; N]> {
+        self.pgrads
+            .get_disjoint_mut(ps.map(|p| p.0))
+            .map_err(|e| anyhow::anyhow!("parameter gradients {ps:?}: {e}"))
+    }
+
+    /// Adds a computed gradient contribution to `v`'s gradient (moved in if it is the first;
+    /// recycled if `v` needs none).
+    pub fn give_grad(&mut self, v: Var, g: Tensor<f32>) -> Result<()> {
+        if !self.needs[v.0] {
+            self.pool.give(g);
+            return Ok(());
+        }
+        match &mut self.grads[v.0] {
+            Some(acc) => {
+                elementwise::accumulate(1.0, &g, acc)?;
+                self.pool.give(g);
+            }
+            None => self.grads[v.0] = Some(g),
+        }
+        Ok(())
+    }
+
+    /// A scratch tensor from the pool (contents undefined), to give back with [`Ctx::recycle`].
+    pub fn scratch(&mut self, shape: &[usize]) -> Result<Tensor<f32>> {
+        self.pool.take(self.device, shape)
+    }
+
+    /// Returns a scratch tensor to the pool.
+    pub fn recycle(&mut self, t: Tensor<f32>) {
+        self.pool.give(t)
+    }
+
+    /// Adds a contribution to `v`'s gradient with a kernel that takes `beta` (0: assign the
+    /// first contribution, 1: accumulate later ones), like GEMM. Does nothing when `v` needs no
+    /// gradient.
+    pub fn add_grad_beta(
+        &mut self,
+        v: Var,
+        f: impl FnOnce(&mut Tensor<f32>, f32) -> Result<()>,
+    ) -> Result<()> {
+        if !self.needs[v.0] {
+            return Ok(());
+        }
+        match &mut self.grads[v.0] {
+            Some(g) => f(g, 1.0),
+            None => {
+                let mut g = self.pool.take(self.device, self.vals[v.0].shape())?;
+                f(&mut g, 0.0)?;
+                self.grads[v.0] = Some(g);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a contribution to `v`'s gradient with a kernel that assigns its output: the first
+    /// contribution is written in place, later ones go through a scratch tensor and are added.
+    pub fn add_grad(
+        &mut self,
+        v: Var,
+        f: impl FnOnce(&mut Tensor<f32>) -> Result<()>,
+    ) -> Result<()> {
+        if !self.needs[v.0] {
+            return Ok(());
+        }
+        let mut g = self.pool.take(self.device, self.vals[v.0].shape())?;
+        f(&mut g)?;
+        match &mut self.grads[v.0] {
+            Some(acc) => {
+                elementwise::accumulate(1.0, &g, acc)?;
+                self.pool.give(g);
+            }
+            None => self.grads[v.0] = Some(g),
+        }
+        Ok(())
+    }
+}
+
+type BackwardFn = Box<dyn FnOnce(&mut Ctx<'_>, &[&Tensor<f32>]) -> Result<()>>;
+
+struct Node {
+    op: &'static str,
+    outputs: Vec<Var>,
+    backward: BackwardFn,
+}
+
+/// A tape of forward records, the values they produced, and the parameters they read.
+pub struct Tape {
+    device: Device,
+    /// The model's parameters (the tape owns them so that forward and backward can read and
+    /// write them without borrowing games; [`Tape::params_mut`] hands them to the optimiser).
+    params: ParamStore,
+    vals: Vec<Tensor<f32>>,
+    needs: Vec<bool>,
+    grads: Vec<Option<Tensor<f32>>>,
+    nodes: Vec<Node>,
+    pool: Pool,
+    training: bool,
+    seed: u64,
+    step: u64,
+    dropout_calls: u64,
+}
+
+impl Tape {
+    /// A tape over `params`, in training mode (dropout on), drawing dropout masks from `seed`.
+    pub fn new(params: ParamStore, seed: u64) -> Self {
+        Self {
+            device: params.device().clone(),
+            params,
+            vals: Vec::new(),
+            needs: Vec::new(),
+            grads: Vec::new(),
+            nodes: Vec::new(),
+            pool: Pool::default(),
+            training: true,
+            seed,
+            step: 0,
+            dropout_calls: 0,
+        }
+    }
+
+    /// The device everything lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    /// The parameters, to change (optimiser steps, loading).
+    pub fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
+    }
+
+    /// Training mode (dropout active) or evaluation.
+    pub fn set_training(&mut self, on: bool) {
+        self.training = on;
+    }
+
+    /// Whether dropout is active.
+    pub fn training(&self) -> bool {
+        self.training
+    }
+
+    /// Fill every tensor the tape hands out with NaN first (tests: any read of a value an op did
+    /// not write shows up).
+    pub fn set_poison(&mut self, on: bool) {
+        self.pool.poison = on;
+    }
+
+    /// Bytes of activation and gradient memory the tape has allocated: after one step, the
+    /// step's peak.
+    pub fn pool_bytes(&self) -> usize {
+        self.pool.bytes
+    }
+
+    /// Forgets the records and values of the last step (their memory goes back to the pool) and
+    /// advances the step counter that seeds dropout.
+    pub fn reset(&mut self) {
+        for t in self.vals.drain(..) {
+            self.pool.give(t);
+        }
+        for t in self.grads.drain(..).flatten() {
+            self.pool.give(t);
+        }
+        self.needs.clear();
+        self.nodes.clear();
+        self.step += 1;
+        self.dropout_calls = 0;
+    }
+
+    /// The next dropout seed: a function of the tape's seed, the step and the call's position in
+    /// the step, so runs with the same seed draw the same masks on every device.
+    pub fn next_dropout_seed(&mut self) -> u64 {
+        self.dropout_calls += 1;
+        crate::testing::splitmix64(
+            self.seed
+                ^ crate::testing::splitmix64(self.step.wrapping_mul(1 << 20) + self.dropout_calls),
+        )
+    }
+
+    /// A new uninitialised tensor from the pool (for op outputs).
+    pub fn alloc(&mut self, shape: &[usize]) -> Result<Tensor<f32>> {
+        self.pool.take(&self.device, shape)
+    }
+
+    /// A new uninitialised tensor shaped like the value `v`.
+    pub fn alloc_like(&mut self, v: Var) -> Result<Tensor<f32>> {
+        let shape = self.vals[v.0].shape().to_vec();
+        self.alloc(&shape)
+    }
+
+    /// Records a value with no gradient (data).
+    pub fn input(&mut self, t: Tensor<f32>) -> Result<Var> {
+        self.push(t, false)
+    }
+
+    /// Records a value whose gradient [`Tape::backward`] computes (read it with [`Tape::grad`]).
+    pub fn input_with_grad(&mut self, t: Tensor<f32>) -> Result<Var> {
+        self.push(t, true)
+    }
+
+    fn push(&mut self, t: Tensor<f32>, needs: bool) -> Result<Var> {
+        ensure!(
+            t.device().same(&self.device),
+            "tape on {}: a value on {} was recorded",
+            self.device.name(),
+            t.device().name()
+        );
+        self.vals.push(t);
+        self.needs.push(needs);
+        self.grads.push(None);
+        Ok(Var(self.vals.len() - 1))
+    }
+
+    /// Number of values recorded since the last reset.
+    pub fn len(&self) -> usize {
+        self.vals.len()
+    }
+
+    /// Whether nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.vals.is_empty()
+    }
+
+    /// The [`Var`] the next recorded value will get: an op whose backward reads its own output
+    /// names it before recording.
+    pub fn next_var(&self) -> Var {
+        Var(self.vals.len())
+    }
+
+    /// A value on the tape.
+    pub fn value(&self, v: Var) -> &Tensor<f32> {
+        &self.vals[v.0]
+    }
+
+    /// Gives a value another shape with as many elements (e.g. a batched product's
+    /// `[count, m, n]` read as `[B, heads, T, n]`). Ops check lengths, so the value's backward
+    /// is unaffected.
+    pub fn reshape(&mut self, v: Var, shape: &[usize]) -> Result<()> {
+        self.vals[v.0].set_shape(shape)
+    }
+
+    /// A value's shape.
+    pub fn shape(&self, v: Var) -> &[usize] {
+        self.vals[v.0].shape()
+    }
+
+    /// Whether `v` gets a gradient.
+    pub fn needs_grad(&self, v: Var) -> bool {
+        self.needs[v.0]
+    }
+
+    /// Whether any of `vars` or any trainable one of `params` asks for a gradient: then an op's
+    /// output does.
+    pub fn any_needs(&self, vars: &[Var], params: &[ParamId]) -> bool {
+        vars.iter().any(|v| self.needs[v.0]) || params.iter().any(|p| !self.params.frozen[p.0])
+    }
+
+    /// Records an op's outputs and its backward. `needs` says whether the outputs get gradients
+    /// (see [`Tape::any_needs`]); when they do not, the backward is dropped at once.
+    pub fn record(
+        &mut self,
+        op: &'static str,
+        outputs: Vec<Tensor<f32>>,
+        needs: bool,
+        backward: impl FnOnce(&mut Ctx<'_>, &[&Tensor<f32>]) -> Result<()> + 'static,
+    ) -> Result<Vec<Var>> {
+        let vars: Vec<Var> = outputs
+            .into_iter()
+            .map(|t| self.push(t, needs))
+            .collect::<Result<_>>()?;
+        if needs {
+            self.nodes.push(Node {
+                op,
+                outputs: vars.clone(),
+                backward: Box::new(backward),
+            });
+        }
+        Ok(vars)
+    }
+
+    /// Records an op with one output.
+    pub fn record1(
+        &mut self,
+        op: &'static str,
+        output: Tensor<f32>,
+        needs: bool,
+        backward: impl FnOnce(&mut Ctx<'_>, &Tensor<f32>) -> Result<()> + 'static,
+    ) -> Result<Var> {
+        let v = self.record(op, vec![output], needs, move |ctx, dys| {
+            backward(ctx, dys[0])
+        })?;
+        Ok(v[0])
+    }
+
+    /// Back-propagates from `output` with the gradient `seed` (dL/d output, its shape): every
+    /// trainable parameter's gradient gets `+=` its share, and values recorded with
+    /// [`Tape::input_with_grad`] get theirs. Consumes the records: call [`Tape::reset`] before
+    /// the next forward.
+    pub fn backward(&mut self, output: Var, seed: Tensor<f32>) -> Result<()> {
+        ensure!(
+            seed.shape() == self.vals[output.0].shape(),
+            "backward: the seed gradient has shape {:?}, the output {:?}",
+            seed.shape(),
+            self.vals[output.0].shape()
+        );
+        if !self.needs[output.0] {
+            bail!("backward: the output depends on no trainable parameter or gradient input");
+        }
+        self.grads[output.0] = Some(seed);
+        let nodes = std::mem::take(&mut self.nodes);
+        for node in nodes.into_iter().rev() {
+            if node.outputs.iter().all(|v| self.grads[v.0].is_none()) {
+                continue; // no path from these outputs to the loss
+            }
+            // Outputs that did not reach the loss contribute zero.
+            let mut dys = Vec::with_capacity(node.outputs.len());
+            for v in &node.outputs {
+                let g = match self.grads[v.0].take() {
+                    Some(g) => g,
+                    None => {
+                        let mut z = self.pool.take(&self.device, self.vals[v.0].shape())?;
+                        z.fill_bytes(0)?;
+                        z
+                    }
+                };
+                dys.push(g);
+            }
+            let refs: Vec<&Tensor<f32>> = dys.iter().collect();
+            let mut ctx = Ctx {
+                vals: &self.vals,
+                params: &self.params.values,
+                pgrads: &mut self.params.grads,
+                frozen: &self.params.frozen,
+                grads: &mut self.grads,
+                needs: &self.needs,
+                pool: &mut self.pool,
+                device: &self.device,
+            };
+            (node.backward)(&mut ctx, &refs).with_context(|| format!("backward of {}", node.op))?;
+            for g in dys {
+                self.pool.give(g);
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of a value recorded with [`Tape::input_with_grad`], after
+    /// [`Tape::backward`] (None if the loss does not depend on it).
+    pub fn grad(&self, v: Var) -> Option<&Tensor<f32>> {
+        self.grads[v.0].as_ref()
+    }
+}

@@ -1,0 +1,561 @@
+//! The tape (src/tape.rs) and the token model (src/model/token.rs) on every device: gradients
+//! against finite differences through the whole model, rotation equivariance, bit-identical
+//! training with one seed, agreement between devices, and the tape's bookkeeping.
+
+use anyhow::{ensure, Result};
+use hiermd::model::{TokenBatch, TokenModel, TokenModelConfig};
+use hiermd::nn::layers::{GraphConvKind, Linear};
+use hiermd::optim::{OptimConfig, Optimizer};
+use hiermd::tape::{Init, ParamStore, Tape};
+use hiermd::testing::{assert_close, Rng};
+use hiermd::{device_test, Device, Tensor};
+
+/// A small model with every optional part switched on.
+fn small_config(graph: Option<GraphConvKind>, window: usize, dropout: f32) -> TokenModelConfig {
+    TokenModelConfig::from_toml(&format!(
+        r#"
+        input_channels = 6
+        hidden = 8
+        heads = 2
+        blocks = 2
+        window = {window}
+        {}
+        pooling = "mean"
+        dropout = {dropout}
+        output = 3
+        seed = 7
+        "#,
+        match graph {
+            Some(GraphConvKind::Cheap) => "graph_conv = \"cheap\"",
+            Some(GraphConvKind::Gated) => "graph_conv = \"gated\"\ngraph_rbf = 5",
+            None => "",
+        }
+    ))
+    .unwrap()
+}
+
+/// Random residue tokens for `b` frames of `r` residues: C-alpha atoms 3.8 A apart along a
+/// random walk (so each has a few neighbours within 8 A), optionally with padding at the end of
+/// the second frame.
+struct Inputs {
+    s: Vec<f32>,
+    v: Vec<f32>,
+    ca: Vec<f32>,
+    mask: Option<Vec<u8>>,
+    b: usize,
+    r: usize,
+    h: usize,
+}
+
+impl Inputs {
+    fn random(rng: &mut Rng, b: usize, r: usize, h: usize, padded: bool) -> Self {
+        let mut ca = Vec::with_capacity(b * r * 3);
+        for _ in 0..b {
+            let mut p = [0.0f64; 3];
+            for _ in 0..r {
+                let d: Vec<f64> = (0..3).map(|_| rng.normal()).collect();
+                let n = (d.iter().map(|x| x * x).sum::<f64>()).sqrt().max(1e-9);
+                for k in 0..3 {
+                    p[k] += 3.8 * d[k] / n;
+                    ca.push(p[k] as f32);
+                }
+            }
+        }
+        let mask = padded.then(|| {
+            let mut m = vec![1u8; b * r];
+            for t in r - r / 3..r {
+                m[r + t] = 0; // frame 1 is shorter
+            }
+            m
+        });
+        Self {
+            s: rng.normal_vec(b * r * h, 1.0),
+            v: rng.normal_vec(b * r * 3 * h, 1.0),
+            ca,
+            mask,
+            b,
+            r,
+            h,
+        }
+    }
+
+    fn batch(&self, dev: &Device) -> Result<TokenBatch> {
+        Ok(TokenBatch {
+            s: Tensor::from_slice(dev, &[self.b, self.r, self.h], &self.s)?,
+            v: Tensor::from_slice(dev, &[self.b, self.r, 3, self.h], &self.v)?,
+            ca: Some(self.ca.clone()),
+            mask: self.mask.clone(),
+        })
+    }
+
+    /// The same frames rotated by `rot` (vectors and C-alpha positions).
+    fn rotated(&self, rot: &[[f64; 3]; 3]) -> Self {
+        let mut v = self.v.clone();
+        let h = self.h;
+        for n in 0..self.b * self.r {
+            for c in 0..h {
+                let x: Vec<f64> = (0..3).map(|k| self.v[(n * 3 + k) * h + c] as f64).collect();
+                for i in 0..3 {
+                    v[(n * 3 + i) * h + c] = (0..3).map(|k| rot[i][k] * x[k]).sum::<f64>() as f32;
+                }
+            }
+        }
+        let ca = self
+            .ca
+            .chunks(3)
+            .flat_map(|p| {
+                (0..3).map(move |i| (0..3).map(|k| rot[i][k] * p[k] as f64).sum::<f64>() as f32)
+            })
+            .collect();
+        Self {
+            s: self.s.clone(),
+            v,
+            ca,
+            mask: self.mask.clone(),
+            ..*self
+        }
+    }
+}
+
+/// A random rotation (normalised quaternion).
+fn random_rotation(rng: &mut Rng) -> [[f64; 3]; 3] {
+    let q: Vec<f64> = (0..4).map(|_| rng.normal()).collect();
+    let n = q.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let (w, x, y, z) = (q[0] / n, q[1] / n, q[2] / n, q[3] / n);
+    [
+        [
+            1.0 - 2.0 * (y * y + z * z),
+            2.0 * (x * y - w * z),
+            2.0 * (x * z + w * y),
+        ],
+        [
+            2.0 * (x * y + w * z),
+            1.0 - 2.0 * (x * x + z * z),
+            2.0 * (y * z - w * x),
+        ],
+        [
+            2.0 * (x * z - w * y),
+            2.0 * (y * z + w * x),
+            1.0 - 2.0 * (x * x + y * y),
+        ],
+    ]
+}
+
+/// Runs the model once and returns (output, final token scalars, final token vectors).
+fn run(
+    model: &TokenModel,
+    tape: &mut Tape,
+    inputs: &Inputs,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    tape.reset();
+    let out = model.forward(tape, &inputs.batch(tape.device())?)?;
+    Ok((
+        tape.value(out.out).to_vec()?,
+        tape.value(out.s).to_vec()?,
+        tape.value(out.v).to_vec()?,
+    ))
+}
+
+/// L = sum(w * out) for fixed weights w, and its gradient by the tape.
+fn loss_and_grads(
+    model: &TokenModel,
+    tape: &mut Tape,
+    inputs: &Inputs,
+    w: &[f32],
+) -> Result<(f64, Vec<Vec<f32>>)> {
+    tape.reset();
+    tape.params_mut().zero_grads()?;
+    let out = model.forward(tape, &inputs.batch(tape.device())?)?;
+    let y = tape.value(out.out).to_vec()?;
+    let loss = y.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
+    let seed = Tensor::from_slice(tape.device(), tape.shape(out.out), w)?;
+    tape.backward(out.out, seed)?;
+    let ps = tape.params();
+    let grads = (0..ps.len())
+        .map(|i| ps.grad(ps.id(&ps.names()[i]).unwrap()).to_vec())
+        .collect::<Result<_>>()?;
+    Ok((loss, grads))
+}
+
+/// The loss after moving every parameter by `eps * dir`.
+fn loss_at(
+    model: &TokenModel,
+    tape: &mut Tape,
+    inputs: &Inputs,
+    w: &[f32],
+    base: &[Vec<f32>],
+    dir: &[Vec<f32>],
+    eps: f64,
+) -> Result<f64> {
+    let names = tape.params().names().to_vec();
+    for (i, n) in names.iter().enumerate() {
+        let id = tape.params().id(n).unwrap();
+        let moved: Vec<f32> = base[i]
+            .iter()
+            .zip(&dir[i])
+            .map(|(&p, &d)| (p as f64 + eps * d as f64) as f32)
+            .collect();
+        tape.params_mut().value_mut(id).copy_from_slice(&moved)?;
+    }
+    tape.reset();
+    let out = model.forward(tape, &inputs.batch(tape.device())?)?;
+    let y = tape.value(out.out).to_vec()?;
+    Ok(y.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum())
+}
+
+fn model_on(dev: &Device, config: TokenModelConfig) -> Result<(TokenModel, Tape)> {
+    let (model, ps) = TokenModel::create(config, dev)?;
+    let mut tape = Tape::new(ps, 11);
+    tape.set_poison(true);
+    Ok((model, tape))
+}
+
+/// Directional finite differences of the whole model: for each parameter tensor, a random
+/// direction confined to it, and one direction over all of them. In f32 a per-coordinate check
+/// drowns in rounding; a directional derivative sums many coordinates' contributions, so a
+/// wrong gradient in any one tensor still shows.
+fn check_model_gradient(dev: &Device, config: TokenModelConfig, test: &str) -> Result<()> {
+    let mut rng = Rng::for_test(test);
+    let inputs = Inputs::random(&mut rng, 2, 11, config.input_channels, true);
+    let (model, mut tape) = model_on(dev, config)?;
+    // Dropout masks depend on the step: keep them fixed by evaluating every loss at one step.
+    tape.set_training(false);
+    let w = rng.normal_vec(2 * model.config().output, 1.0);
+    let (_, grads) = loss_and_grads(&model, &mut tape, &inputs, &w)?;
+    let names = tape.params().names().to_vec();
+    let base: Vec<Vec<f32>> = names
+        .iter()
+        .map(|n| tape.params().value(tape.params().id(n).unwrap()).to_vec())
+        .collect::<Result<_>>()?;
+    let eps = 2e-3;
+    let mut directions: Vec<(String, Vec<Vec<f32>>)> = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let dir = base
+            .iter()
+            .enumerate()
+            .map(|(j, b)| {
+                if j == i {
+                    rng.normal_vec(b.len(), 1.0)
+                } else {
+                    vec![0.0; b.len()]
+                }
+            })
+            .collect();
+        directions.push((n.clone(), dir));
+    }
+    directions.push((
+        "all parameters".into(),
+        base.iter().map(|b| rng.normal_vec(b.len(), 1.0)).collect(),
+    ));
+    for (what, dir) in &directions {
+        let analytic: f64 = grads
+            .iter()
+            .zip(dir)
+            .map(|(g, d)| {
+                g.iter()
+                    .zip(d)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+            })
+            .sum();
+        let lp = loss_at(&model, &mut tape, &inputs, &w, &base, dir, eps)?;
+        let lm = loss_at(&model, &mut tape, &inputs, &w, &base, dir, -eps)?;
+        let fd = (lp - lm) / (2.0 * eps);
+        let scale: f64 = dir
+            .iter()
+            .zip(&grads)
+            .map(|(d, g)| {
+                d.iter()
+                    .zip(g)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            .max(1e-2);
+        ensure!(
+            (fd - analytic).abs() <= 2e-2 * scale,
+            "{what}: directional derivative by the tape {analytic:.6e}, by finite differences {fd:.6e} (scale {scale:.3e})"
+        );
+    }
+    Ok(())
+}
+
+device_test!(whole_model_gradient_matches_finite_differences, |dev| {
+    check_model_gradient(
+        dev,
+        small_config(Some(GraphConvKind::Gated), 2, 0.1),
+        "whole_model_gradient_gated",
+    )?;
+    check_model_gradient(
+        dev,
+        small_config(Some(GraphConvKind::Cheap), 3, 0.0),
+        "whole_model_gradient_cheap",
+    )?;
+    check_model_gradient(
+        dev,
+        small_config(None, 1, 0.0),
+        "whole_model_gradient_plain",
+    )
+});
+
+device_test!(model_is_rotation_equivariant, |dev| {
+    let mut rng = Rng::for_test("model_is_rotation_equivariant");
+    for (graph, window) in [
+        (Some(GraphConvKind::Gated), 2),
+        (Some(GraphConvKind::Cheap), 1),
+        (None, 4),
+    ] {
+        let config = small_config(graph, window, 0.2);
+        let inputs = Inputs::random(&mut rng, 2, 13, config.input_channels, true);
+        let rot = random_rotation(&mut rng);
+        let (model, mut tape) = model_on(dev, config)?;
+        // Same tape seed and step for both runs: the same dropout masks, so training mode is
+        // tested too.
+        let (out, s, v) = run(&model, &mut tape, &inputs)?;
+        let (model2, mut tape2) = model_on(dev, model.config().clone())?;
+        let (out_r, s_r, v_r) = run(&model2, &mut tape2, &inputs.rotated(&rot))?;
+        let what = format!("graph {graph:?} window {window}");
+        let to64 = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        assert_close(&format!("{what}: output"), &out_r, &to64(&out), 1e-4, 1e-3)?;
+        assert_close(
+            &format!("{what}: token scalars"),
+            &s_r,
+            &to64(&s),
+            1e-4,
+            1e-3,
+        )?;
+        // Final vectors must be the rotated originals.
+        let h = model.config().hidden;
+        let mut want = vec![0.0f64; v.len()];
+        for n in 0..v.len() / (3 * h) {
+            for c in 0..h {
+                for i in 0..3 {
+                    want[(n * 3 + i) * h + c] = (0..3)
+                        .map(|k| rot[i][k] * v[(n * 3 + k) * h + c] as f64)
+                        .sum();
+                }
+            }
+        }
+        assert_close(&format!("{what}: token vectors"), &v_r, &want, 1e-4, 1e-3)?;
+    }
+    Ok(())
+});
+
+/// Ten AdamW steps with dropout from a seed; returns every parameter.
+fn train_ten_steps(dev: &Device, inputs: &Inputs) -> Result<Vec<Vec<f32>>> {
+    let config = small_config(Some(GraphConvKind::Gated), 2, 0.1);
+    let (model, mut tape) = model_on(dev, config)?;
+    let mut opt = {
+        let ps = tape.params_mut();
+        let (names, values, _) = ps.trainable();
+        let values: Vec<&Tensor<f32>> = values.into_iter().map(|v| &*v).collect();
+        let mut c = OptimConfig::adamw(1e-2, 1e-2);
+        c.clip_norm = Some(1.0);
+        Optimizer::named(c, &names, &values)?
+    };
+    let w: Vec<f32> = (0..inputs.b * model.config().output)
+        .map(|i| (i as f32 * 0.37).sin())
+        .collect();
+    for _ in 0..10 {
+        tape.reset();
+        tape.params_mut().zero_grads()?;
+        let out = model.forward(&mut tape, &inputs.batch(dev)?)?;
+        let seed = Tensor::from_slice(dev, tape.shape(out.out), &w)?;
+        tape.backward(out.out, seed)?;
+        let (_, mut values, grads) = tape.params_mut().trainable();
+        opt.step(&mut values, &grads)?;
+    }
+    let ps = tape.params();
+    ps.names()
+        .iter()
+        .map(|n| ps.value(ps.id(n).unwrap()).to_vec())
+        .collect()
+}
+
+device_test!(training_is_bit_identical_with_one_seed, |dev| {
+    let mut rng = Rng::for_test("training_is_bit_identical_with_one_seed");
+    let inputs = Inputs::random(&mut rng, 2, 9, 6, true);
+    let a = train_ten_steps(dev, &inputs)?;
+    let b = train_ten_steps(dev, &inputs)?;
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+        ensure!(
+            same,
+            "parameter tensor {i} differs between two runs with the same seed"
+        );
+    }
+    // And training moved them.
+    let (_, ps) = TokenModel::create(small_config(Some(GraphConvKind::Gated), 2, 0.1), dev)?;
+    let init = ps.value(ps.id("embed.s.weight").unwrap()).to_vec()?;
+    ensure!(
+        init != a[0],
+        "ten optimiser steps left the parameters unchanged"
+    );
+    Ok(())
+});
+
+device_test!(model_matches_the_cpu_on_every_device, |dev| {
+    let mut rng = Rng::for_test("model_matches_the_cpu_on_every_device");
+    let config = small_config(Some(GraphConvKind::Gated), 2, 0.0);
+    let inputs = Inputs::random(&mut rng, 3, 15, config.input_channels, true);
+    let w = rng.normal_vec(3 * config.output, 1.0);
+    let (m_cpu, mut t_cpu) = model_on(&Device::Cpu, config.clone())?;
+    let (m_dev, mut t_dev) = model_on(dev, config)?;
+    let (out_c, s_c, v_c) = run(&m_cpu, &mut t_cpu, &inputs)?;
+    let (out_d, s_d, v_d) = run(&m_dev, &mut t_dev, &inputs)?;
+    let to64 = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
+    assert_close("output", &out_d, &to64(&out_c), 1e-4, 1e-3)?;
+    assert_close("token scalars", &s_d, &to64(&s_c), 1e-4, 1e-3)?;
+    assert_close("token vectors", &v_d, &to64(&v_c), 1e-4, 1e-3)?;
+    let (_, g_c) = loss_and_grads(&m_cpu, &mut t_cpu, &inputs, &w)?;
+    let (_, g_d) = loss_and_grads(&m_dev, &mut t_dev, &inputs, &w)?;
+    for (i, (a, b)) in g_d.iter().zip(&g_c).enumerate() {
+        let name = &t_cpu.params().names()[i];
+        assert_close(&format!("gradient of {name}"), a, &to64(b), 2e-4, 2e-3)?;
+    }
+    Ok(())
+});
+
+device_test!(tape_accumulates_fan_out_and_skips_frozen, |dev| {
+    // y = W x used twice: L = sum(w1 * y) + sum(w2 * silu(y)); dL/dx must sum both paths.
+    let mut rng = Rng::for_test("tape_accumulates_fan_out_and_skips_frozen");
+    let mut ps = ParamStore::new(dev, 3);
+    let lin = Linear::new(&mut ps, "lin", 5, 4, true)?;
+    let frozen = Linear::new(&mut ps, "frozen", 4, 4, false)?;
+    ps.freeze(frozen.w);
+    let mut tape = Tape::new(ps, 1);
+    tape.set_poison(true);
+    let x0 = rng.normal_vec(3 * 5, 1.0);
+    let x = tape.input_with_grad(Tensor::from_slice(dev, &[3, 5], &x0)?)?;
+    let y = lin.forward(&mut tape, x)?;
+    let z = frozen.forward(&mut tape, y)?;
+    let a = hiermd::nn::silu(&mut tape, y)?;
+    let out = hiermd::nn::add(&mut tape, z, a)?;
+    let seed = Tensor::from_slice(dev, &[3, 4], &vec![1.0; 12])?;
+    tape.backward(out, seed)?;
+    let gx = tape.grad(x).expect("x asked for a gradient").to_vec()?;
+    // Reference in f64 on the host.
+    let wv = tape.params().value(lin.w).to_vec()?;
+    let bv = tape.params().value(lin.b.unwrap()).to_vec()?;
+    let fv = tape.params().value(frozen.w).to_vec()?;
+    let mut want = vec![0.0f64; 15];
+    for r in 0..3 {
+        let yv: Vec<f64> = (0..4)
+            .map(|o| {
+                bv[o] as f64
+                    + (0..5)
+                        .map(|i| wv[o * 5 + i] as f64 * x0[r * 5 + i] as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        // dL/dy = sum_o' F[o', o] (through the frozen layer) + silu'(y).
+        for o in 0..4 {
+            let s = 1.0 / (1.0 + (-yv[o]).exp());
+            let dy =
+                (0..4).map(|p| fv[p * 4 + o] as f64).sum::<f64>() + s * (1.0 + yv[o] * (1.0 - s));
+            for i in 0..5 {
+                want[r * 5 + i] += dy * wv[o * 5 + i] as f64;
+            }
+        }
+    }
+    assert_close("dL/dx through two paths", &gx, &want, 1e-5, 1e-4)?;
+    let gf = tape.params().grad(frozen.w).to_vec()?;
+    ensure!(
+        gf.iter().all(|&g| g == 0.0),
+        "a frozen parameter got a gradient"
+    );
+    let gw = tape.params().grad(lin.w).to_vec()?;
+    ensure!(
+        gw.iter().any(|&g| g != 0.0),
+        "the trainable weight got no gradient"
+    );
+    Ok(())
+});
+
+device_test!(
+    tape_reuses_memory_and_accumulates_parameter_gradients,
+    |dev| {
+        let mut rng = Rng::for_test("tape_reuses_memory");
+        let config = small_config(Some(GraphConvKind::Cheap), 2, 0.1);
+        let inputs = Inputs::random(&mut rng, 2, 10, config.input_channels, false);
+        let (model, mut tape) = model_on(dev, config)?;
+        let w = rng.normal_vec(2 * model.config().output, 1.0);
+        let mut grads_once = Vec::new();
+        let mut bytes = Vec::new();
+        for step in 0..3 {
+            tape.reset();
+            if step < 2 {
+                tape.params_mut().zero_grads()?;
+            }
+            tape.set_training(false);
+            let out = model.forward(&mut tape, &inputs.batch(dev)?)?;
+            let seed = Tensor::from_slice(dev, tape.shape(out.out), &w)?;
+            tape.backward(out.out, seed)?;
+            bytes.push(tape.pool_bytes());
+            let id = tape.params().id("block0.attn.q.weight").unwrap();
+            let g = tape.params().grad(id).to_vec()?;
+            if step == 1 {
+                grads_once = g;
+            } else if step == 2 {
+                // Not zeroed before step 2: the same gradient added twice.
+                let want: Vec<f64> = grads_once.iter().map(|&x| 2.0 * x as f64).collect();
+                assert_close(
+                    "gradients accumulate across backward passes",
+                    &g,
+                    &want,
+                    1e-6,
+                    1e-5,
+                )?;
+            }
+        }
+        ensure!(
+            bytes[1] == bytes[0] && bytes[2] == bytes[0],
+            "the tape allocated again after its first step: {bytes:?} bytes"
+        );
+        Ok(())
+    }
+);
+
+#[test]
+fn config_errors_name_the_field() {
+    let e = TokenModelConfig::from_toml("hidden = 10\nheads = 3\n").unwrap_err();
+    assert!(
+        format!("{e:#}").contains("heads = 3 must divide hidden = 10"),
+        "{e:#}"
+    );
+    let e = TokenModelConfig::from_toml("hiden = 10\n").unwrap_err();
+    assert!(format!("{e:#}").contains("hiden"), "{e:#}");
+    let e = TokenModelConfig::from_toml("dropout = 1.5\n").unwrap_err();
+    assert!(format!("{e:#}").contains("dropout"), "{e:#}");
+    let c = TokenModelConfig::from_toml("graph_conv = \"gated\"\nwindow = 4\n").unwrap();
+    assert_eq!(c.graph_conv, Some(GraphConvKind::Gated));
+    assert_eq!(c.window, 4);
+}
+
+#[test]
+fn parameters_round_trip_through_safetensors() -> Result<()> {
+    let dev = Device::Cpu;
+    let (_, ps) = TokenModel::create(small_config(Some(GraphConvKind::Gated), 2, 0.0), &dev)?;
+    let dir = std::env::temp_dir().join(format!("hiermd-params-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("model.safetensors");
+    ps.save(&path, &Default::default())?;
+    let mut other = ParamStore::new(&dev, 99);
+    let (_, mut fresh) = {
+        let mut c = small_config(Some(GraphConvKind::Gated), 2, 0.0);
+        c.seed = 1234;
+        TokenModel::create(c, &dev)?
+    };
+    fresh.load(&path)?;
+    for n in ps.names() {
+        let a = ps.value(ps.id(n).unwrap()).to_vec()?;
+        let b = fresh.value(fresh.id(n).unwrap()).to_vec()?;
+        assert_eq!(a, b, "{n}");
+    }
+    // A store with a parameter the file lacks is refused, naming it.
+    other.add("not_in_file", &[2], Init::Constant(0.0))?;
+    let e = other.load(&path).unwrap_err();
+    assert!(format!("{e:#}").contains("not_in_file"), "{e:#}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
