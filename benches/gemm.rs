@@ -1,11 +1,14 @@
 //! GEMM throughput: the cpu device's f32 GEMM (the `gemm` crate) on square products and on the
 //! token model's shapes, against this CPU's measured FMA peak; the emu kernels on one small
-//! product, only to record what the emulator costs; cuda when a GPU is present. Prints a markdown
-//! table and writes target/bench/gemm.json. Run: `cargo bench --bench gemm`.
+//! product, only to record what the emulator costs; cuda when a GPU is present, where every shape
+//! runs on our kernels and, when libcublas loads, on cuBLAS too (src/ops/gemm_cublas.rs), with
+//! the ratio of the two times. Prints a markdown table and writes target/bench/gemm.json. Run:
+//! `cargo bench --bench gemm`.
 
 use anyhow::Result;
 use half::bf16;
 use hiermd::ops::gemm::{gemm, gemm_half};
+use hiermd::ops::gemm_cublas::{self, GemmBackend};
 use hiermd::testing::{test_devices, Availability, Rng};
 use hiermd::{Device, Tensor};
 use std::time::Instant;
@@ -108,13 +111,61 @@ fn cpu_peak() -> Option<Peak> {
 struct Row {
     what: String,
     device: String,
+    /// Who multiplied: "gemm crate" (cpu), "ours" (our kernels), or the cuBLAS version.
+    backend: String,
     seconds: f64,
     gflops: f64,
+    /// On cuBLAS rows: our kernels' time over cuBLAS's for the same shape (> 1: cuBLAS faster).
+    ours_over_this: Option<f64>,
 }
 
-/// Times C = A op(B) (f32, or bf16 operands) of the given shape on `dev`.
+/// Times C = A op(B) (f32, or bf16 operands) of the given shape on `dev` with our kernels (the
+/// gemm crate on cpu), and on cuda with cuBLAS too when `cublas` names its version.
 #[allow(clippy::too_many_arguments)]
 fn time_gemm(
+    dev: &Device,
+    label: &str,
+    shape: (usize, usize, usize),
+    trans: (bool, bool),
+    half: bool,
+    reps: usize,
+    rng: &mut Rng,
+    rows: &mut Vec<Row>,
+    cublas: Option<&str>,
+) -> Result<()> {
+    gemm_cublas::set_backend(GemmBackend::Ours);
+    let ours = time_one(dev, label, shape, trans, half, reps, rng)?;
+    let ours_s = ours.seconds;
+    rows.push(Row {
+        backend: if matches!(dev, Device::Cpu) {
+            "gemm crate".into()
+        } else {
+            "ours".into()
+        },
+        ..ours
+    });
+    if let Some(version) = cublas {
+        gemm_cublas::set_backend(GemmBackend::Cublas);
+        let before = gemm_cublas::calls();
+        let row = time_one(dev, label, shape, trans, half, reps, rng);
+        gemm_cublas::set_backend(GemmBackend::Ours);
+        let row = row?;
+        anyhow::ensure!(
+            gemm_cublas::calls() > before,
+            "{}: cuBLAS was selected but did not run",
+            row.what
+        );
+        rows.push(Row {
+            backend: version.into(),
+            ours_over_this: Some(ours_s / row.seconds),
+            ..row
+        });
+    }
+    Ok(())
+}
+
+/// One timing with the backend in force.
+fn time_one(
     dev: &Device,
     label: &str,
     (m, n, k): (usize, usize, usize),
@@ -122,8 +173,7 @@ fn time_gemm(
     half: bool,
     reps: usize,
     rng: &mut Rng,
-    rows: &mut Vec<Row>,
-) -> Result<()> {
+) -> Result<Row> {
     let a = rng.normal_vec(m * k, 1.0);
     let b = rng.normal_vec(k * n, 1.0);
     let mut c = Tensor::<f32>::zeros(dev, &[m * n])?;
@@ -142,7 +192,7 @@ fn time_gemm(
         })?
     };
     let t = |x: bool| if x { "T" } else { "N" };
-    rows.push(Row {
+    Ok(Row {
         what: format!(
             "{label} {m}x{n}x{k} {}{} {}",
             t(ta),
@@ -150,10 +200,11 @@ fn time_gemm(
             if half { "bf16" } else { "f32" }
         ),
         device: dev.name(),
+        backend: String::new(),
         seconds: s,
         gflops: 2.0 * (m * n * k) as f64 / s / 1e9,
-    });
-    Ok(())
+        ours_over_this: None,
+    })
 }
 
 fn main() -> Result<()> {
@@ -203,10 +254,13 @@ fn main() -> Result<()> {
                         reps,
                         &mut rng,
                         &mut rows,
+                        None,
                     )?;
                 }
                 for (label, shape, trans) in token_shapes {
-                    time_gemm(&dev, label, shape, trans, false, 7, &mut rng, &mut rows)?;
+                    time_gemm(
+                        &dev, label, shape, trans, false, 7, &mut rng, &mut rows, None,
+                    )?;
                 }
             }
             Device::Emu(_) => {
@@ -220,6 +274,7 @@ fn main() -> Result<()> {
                     3,
                     &mut rng,
                     &mut rows,
+                    None,
                 )?;
                 time_gemm(
                     &dev,
@@ -230,9 +285,22 @@ fn main() -> Result<()> {
                     3,
                     &mut rng,
                     &mut rows,
+                    None,
                 )?;
             }
             Device::Cuda(_) => {
+                // cuBLAS beside ours when libcublas loads; else say why once and time ours only.
+                let cublas = match gemm_cublas::status(&dev) {
+                    Ok(line) => {
+                        println!("cuBLAS rows: {line}");
+                        gemm_cublas::library().ok()
+                    }
+                    Err(e) => {
+                        println!("cuBLAS rows: none ({e:#})");
+                        None
+                    }
+                };
+                let cublas = cublas.as_deref();
                 for s in [256usize, 512, 1024, 2048, 4096] {
                     for half in [false, true] {
                         time_gemm(
@@ -244,12 +312,15 @@ fn main() -> Result<()> {
                             21,
                             &mut rng,
                             &mut rows,
+                            cublas,
                         )?;
                     }
                 }
                 for (label, shape, trans) in token_shapes {
                     for half in [false, true] {
-                        time_gemm(&dev, label, shape, trans, half, 21, &mut rng, &mut rows)?;
+                        time_gemm(
+                            &dev, label, shape, trans, half, 21, &mut rng, &mut rows, cublas,
+                        )?;
                     }
                 }
             }
@@ -271,17 +342,23 @@ fn main() -> Result<()> {
         None => println!("CPU peak: not measured (no x86-64 FMA on this CPU)"),
     }
     println!();
-    println!("| benchmark | device | median ms | GFLOP/s | % of nominal CPU peak |");
-    println!("|---|---|--:|--:|--:|");
+    println!(
+        "| benchmark | device | backend | median ms | GFLOP/s | % of nominal CPU peak | ours ms / this ms |"
+    );
+    println!("|---|---|---|--:|--:|--:|--:|");
     for r in &rows {
         let pct = match (&peak, r.device.as_str()) {
             (Some(p), "cpu") => format!("{:.0}%", 100.0 * r.gflops / p.nominal()),
             _ => "".into(),
         };
+        let ratio = r
+            .ours_over_this
+            .map_or_else(String::new, |x| format!("{x:.2}"));
         println!(
-            "| {} | {} | {:.3} | {:.2} | {pct} |",
+            "| {} | {} | {} | {:.3} | {:.2} | {pct} | {ratio} |",
             r.what,
             r.device,
+            r.backend,
             r.seconds * 1e3,
             r.gflops
         );
@@ -289,9 +366,12 @@ fn main() -> Result<()> {
     let json: Vec<String> = rows
         .iter()
         .map(|r| {
+            let ratio = r
+                .ours_over_this
+                .map_or_else(|| "null".to_string(), |x| x.to_string());
             format!(
-                "{{\"benchmark\":{:?},\"device\":{:?},\"median_s\":{},\"gflops\":{}}}",
-                r.what, r.device, r.seconds, r.gflops
+                "{{\"benchmark\":{:?},\"device\":{:?},\"backend\":{:?},\"median_s\":{},\"gflops\":{},\"ours_over_this\":{ratio}}}",
+                r.what, r.device, r.backend, r.seconds, r.gflops
             )
         })
         .collect();

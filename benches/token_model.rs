@@ -77,7 +77,6 @@ fn bench(dev: &Device, window: usize, batch: usize) -> Result<Row> {
         Ok(())
     };
     let step_s = median_seconds(dev, 2, 7, &mut step)?;
-    drop(step);
     let fwd_s = median_seconds(dev, 1, 7, || {
         tape.reset();
         model.forward(&mut tape, &b)?;

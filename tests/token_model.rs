@@ -10,13 +10,35 @@ use hiermd::tape::{Init, ParamStore, Tape};
 use hiermd::testing::{assert_close, Rng};
 use hiermd::{device_test, Device, Tensor};
 
-/// A small model with every optional part switched on.
+/// Which attention the small models use: the fused kernel needs head width 16, 32 or 64, so its
+/// models are wider.
+#[derive(Clone, Copy, Debug)]
+enum Attn {
+    Fused,
+    Materialised,
+}
+
+/// A small model with every optional part switched on (fused attention).
 fn small_config(graph: Option<GraphConvKind>, window: usize, dropout: f32) -> TokenModelConfig {
+    config_with(graph, window, dropout, Attn::Fused)
+}
+
+fn config_with(
+    graph: Option<GraphConvKind>,
+    window: usize,
+    dropout: f32,
+    attn: Attn,
+) -> TokenModelConfig {
+    let (hidden, attention) = match attn {
+        Attn::Fused => (32, "fused"),
+        Attn::Materialised => (8, "materialised"),
+    };
     TokenModelConfig::from_toml(&format!(
         r#"
         input_channels = 6
-        hidden = 8
+        hidden = {hidden}
         heads = 2
+        attention = "{attention}"
         blocks = 2
         window = {window}
         {}
@@ -295,7 +317,37 @@ device_test!(whole_model_gradient_matches_finite_differences, |dev| {
         dev,
         small_config(None, 1, 0.0),
         "whole_model_gradient_plain",
+    )?;
+    check_model_gradient(
+        dev,
+        config_with(Some(GraphConvKind::Gated), 2, 0.1, Attn::Materialised),
+        "whole_model_gradient_materialised",
     )
+});
+
+device_test!(fused_and_materialised_attention_agree, |dev| {
+    // The same parameters through both attention paths: outputs and gradients agree.
+    let mut rng = Rng::for_test("fused_and_materialised_attention_agree");
+    let fused = small_config(Some(GraphConvKind::Cheap), 2, 0.0);
+    let mut mat = fused.clone();
+    mat.attention = hiermd::nn::layers::AttentionKind::Materialised;
+    let inputs = Inputs::random(&mut rng, 2, 17, fused.input_channels, true);
+    let w = rng.normal_vec(2 * fused.output, 1.0);
+    let (mf, mut tf) = model_on(dev, fused)?;
+    let (mm, mut tm) = model_on(dev, mat)?;
+    let (of, sf, vf) = run(&mf, &mut tf, &inputs)?;
+    let (om, sm, vm) = run(&mm, &mut tm, &inputs)?;
+    let to64 = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
+    assert_close("output", &of, &to64(&om), 1e-5, 1e-4)?;
+    assert_close("token scalars", &sf, &to64(&sm), 1e-5, 1e-4)?;
+    assert_close("token vectors", &vf, &to64(&vm), 1e-5, 1e-4)?;
+    let (_, gf) = loss_and_grads(&mf, &mut tf, &inputs, &w)?;
+    let (_, gm) = loss_and_grads(&mm, &mut tm, &inputs, &w)?;
+    for (i, (a, b)) in gf.iter().zip(&gm).enumerate() {
+        let name = &tf.params().names()[i];
+        assert_close(&format!("gradient of {name}"), a, &to64(b), 1e-5, 1e-3)?;
+    }
+    Ok(())
 });
 
 device_test!(model_is_rotation_equivariant, |dev| {
@@ -559,3 +611,134 @@ fn parameters_round_trip_through_safetensors() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+device_test!(input_token_gradients_match_finite_differences, |dev| {
+    // End-to-end training through the atom stage needs dL/d(token features): check it along
+    // random directions of s and v.
+    let mut rng = Rng::for_test("input_token_gradients");
+    let config = small_config(Some(GraphConvKind::Gated), 2, 0.0);
+    let inputs = Inputs::random(&mut rng, 2, 9, config.input_channels, true);
+    let (model, mut tape) = model_on(dev, config)?;
+    let w = rng.normal_vec(2 * model.config().output, 1.0);
+    let (b, r, h) = (inputs.b, inputs.r, inputs.h);
+    let loss =
+        |tape: &mut Tape, s: &[f32], v: &[f32], grads: bool| -> Result<(f64, Vec<f32>, Vec<f32>)> {
+            tape.reset();
+            let sv = tape.input_with_grad(Tensor::from_slice(dev, &[b, r, h], s)?)?;
+            let vv = tape.input_with_grad(Tensor::from_slice(dev, &[b, r, 3, h], v)?)?;
+            let out = model.forward_vars(tape, sv, vv, Some(&inputs.ca), inputs.mask.as_deref())?;
+            let y = tape.value(out.out).to_vec()?;
+            let l = y.iter().zip(&w).map(|(&a, &b)| a as f64 * b as f64).sum();
+            if !grads {
+                return Ok((l, vec![], vec![]));
+            }
+            let seed = Tensor::from_slice(dev, tape.shape(out.out), &w)?;
+            tape.backward(out.out, seed)?;
+            Ok((
+                l,
+                tape.grad(sv).unwrap().to_vec()?,
+                tape.grad(vv).unwrap().to_vec()?,
+            ))
+        };
+    let (_, gs, gv) = loss(&mut tape, &inputs.s, &inputs.v, true)?;
+    let eps = 2e-3;
+    for _ in 0..3 {
+        let ds = rng.normal_vec(gs.len(), 1.0);
+        let dv = rng.normal_vec(gv.len(), 1.0);
+        let analytic: f64 = gs
+            .iter()
+            .zip(&ds)
+            .chain(gv.iter().zip(&dv))
+            .map(|(&g, &d)| g as f64 * d as f64)
+            .sum();
+        let shift = |x: &[f32], d: &[f32], e: f64| -> Vec<f32> {
+            x.iter()
+                .zip(d)
+                .map(|(&a, &b)| (a as f64 + e * b as f64) as f32)
+                .collect()
+        };
+        let (lp, _, _) = loss(
+            &mut tape,
+            &shift(&inputs.s, &ds, eps),
+            &shift(&inputs.v, &dv, eps),
+            false,
+        )?;
+        let (lm, _, _) = loss(
+            &mut tape,
+            &shift(&inputs.s, &ds, -eps),
+            &shift(&inputs.v, &dv, -eps),
+            false,
+        )?;
+        let fd = (lp - lm) / (2.0 * eps);
+        ensure!(
+            (fd - analytic).abs() <= 2e-2 * analytic.abs().max(0.1),
+            "input directional derivative: tape {analytic:.6e}, finite differences {fd:.6e}"
+        );
+    }
+    Ok(())
+});
+
+device_test!(attention_maps_are_the_softmax_of_queries_and_keys, |dev| {
+    let mut rng = Rng::for_test("attention_maps");
+    let config = small_config(None, 2, 0.0);
+    let inputs = Inputs::random(&mut rng, 2, 13, config.input_channels, true);
+    let (model, mut tape) = model_on(dev, config)?;
+    tape.set_training(false);
+    let out = model.forward(&mut tape, &inputs.batch(dev)?)?;
+    let maps = model.attention_maps(&tape, &out, Some(&[1]))?;
+    ensure!(maps.len() == 2, "one map per block");
+    let mask = out.mask.as_ref().expect("the batch is padded").to_vec()?;
+    for (m, rec) in maps.iter().zip(&out.attention) {
+        let &[_, nh, t, dh] = tape.shape(rec.q) else {
+            unreachable!()
+        };
+        let q = tape.value(rec.q).to_vec()?;
+        let k = tape.value(rec.k).to_vec()?;
+        // f64 reference for frame 1.
+        let mut want = vec![0.0f64; nh * t * t];
+        for h in 0..nh {
+            for i in 0..t {
+                let base = ((nh + h) * t) * dh;
+                let s: Vec<f64> = (0..t)
+                    .map(|j| {
+                        (0..dh)
+                            .map(|d| q[base + i * dh + d] as f64 * k[base + j * dh + d] as f64)
+                            .sum::<f64>()
+                            / (dh as f64).sqrt()
+                    })
+                    .collect();
+                let mx = (0..t)
+                    .filter(|&j| mask[t + j] != 0)
+                    .map(|j| s[j])
+                    .fold(f64::MIN, f64::max);
+                let z: f64 = (0..t)
+                    .filter(|&j| mask[t + j] != 0)
+                    .map(|j| (s[j] - mx).exp())
+                    .sum();
+                for j in 0..t {
+                    if mask[t + j] != 0 {
+                        want[(h * t + i) * t + j] = (s[j] - mx).exp() / z;
+                    }
+                }
+            }
+        }
+        assert_close(
+            &format!("block {} per-head map", m.block),
+            &m.per_head,
+            &want,
+            1e-6,
+            1e-4,
+        )?;
+        let mean: Vec<f64> = (0..t * t)
+            .map(|i| (0..nh).map(|h| want[h * t * t + i]).sum::<f64>() / nh as f64)
+            .collect();
+        assert_close(
+            &format!("block {} head mean", m.block),
+            &m.mean,
+            &mean,
+            1e-6,
+            1e-4,
+        )?;
+    }
+    Ok(())
+});

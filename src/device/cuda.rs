@@ -83,6 +83,11 @@ pub struct CudaDevice {
     stream: sys::CUstream,
     functions: Mutex<HashMap<(&'static str, &'static str), usize>>,
     modules: Mutex<HashMap<&'static str, usize>>,
+    /// This device's cuBLAS handle (or why there is none), made on first use by
+    /// [`crate::ops::gemm_cublas`] and bound to `stream`. It lives here, not in a global map,
+    /// because cuBLAS requires a handle to be destroyed before the context it was created in:
+    /// Drop destroys it before releasing the context.
+    pub(crate) cublas: crate::ops::gemm_cublas::HandleSlot,
 }
 
 // SAFETY: driver handles may be used from any thread once the context is made current, which
@@ -120,6 +125,7 @@ impl CudaDevice {
             stream,
             functions: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
+            cublas: OnceLock::new(),
         }))
     }
 
@@ -241,6 +247,8 @@ impl Drop for CudaDevice {
             // SAFETY: handles created in `open`; nothing uses them after drop.
             unsafe {
                 let _ = result::stream::synchronize(self.stream);
+                // The cuBLAS handle goes first: it must not outlive the stream or the context.
+                drop(self.cublas.take());
                 for (_, &m) in self.modules.lock().unwrap().iter() {
                     let _ = result::module::unload(m as sys::CUmodule);
                 }

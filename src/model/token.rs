@@ -14,7 +14,8 @@
 //! configuration and seed give the same parameters on every device.
 
 use crate::nn::layers::{
-    EqBlock, EquiLinear, GraphConvKind, Linear, ResidueGraphConv, WindowMerger,
+    AttentionKind, AttentionRecord, BlockShape, EqBlock, EquiLinear, GraphConvKind, Linear,
+    ResidueGraphConv, WindowMerger,
 };
 use crate::nn::{self, tokens};
 use crate::ops::graph_conv::{edge_rbf_forward, ResidueGraph};
@@ -45,8 +46,11 @@ pub struct TokenModelConfig {
     pub input_channels: usize,
     /// Channels inside the model (H).
     pub hidden: usize,
-    /// Attention heads (H must be a multiple).
+    /// Attention heads (H must be a multiple; H / heads must be 16, 32 or 64 for the fused
+    /// kernel).
     pub heads: usize,
+    /// Attention weights by the fused kernel ("fused", the default) or materialised.
+    pub attention: AttentionKind,
     /// Transformer blocks (N).
     pub blocks: usize,
     /// Residues merged per token (w).
@@ -79,6 +83,7 @@ impl Default for TokenModelConfig {
             input_channels: 64,
             hidden: 64,
             heads: 4,
+            attention: AttentionKind::Fused,
             blocks: 2,
             window: 1,
             graph_conv: None,
@@ -122,6 +127,14 @@ impl TokenModelConfig {
             self.hidden
         );
         ensure!(self.window > 0, "window must be at least 1");
+        if self.attention == AttentionKind::Fused {
+            let dh = self.hidden / self.heads;
+            ensure!(
+                matches!(dh, 16 | 32 | 64),
+                "hidden / heads = {dh}: the fused attention kernel takes head widths 16, 32 or \
+                 64 (set attention = \"materialised\" for other widths)"
+            );
+        }
         ensure!(self.output > 0, "output must be positive");
         ensure!(
             (0.0..1.0).contains(&self.dropout),
@@ -152,7 +165,7 @@ pub struct TokenBatch {
 }
 
 /// What [`TokenModel::forward`] leaves on the tape.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TokenOutput {
     /// The model output `[B, out]`.
     pub out: Var,
@@ -160,6 +173,27 @@ pub struct TokenOutput {
     pub s: Var,
     /// Final token vectors `[B, T', 3, H]`.
     pub v: Var,
+    /// Each block's attention queries and keys, for [`TokenModel::attention_maps`].
+    pub attention: Vec<AttentionRecord>,
+    /// The merged tokens' padding mask `[B, T']`, if the batch had one.
+    pub mask: Option<Arc<Tensor<u8>>>,
+}
+
+/// Attention probabilities of one block, averaged over the frames asked for.
+#[derive(Clone, Debug)]
+pub struct AttentionMap {
+    /// Block index.
+    pub block: usize,
+    /// Tokens per frame (T'): maps are T' x T', row = query, column = key.
+    pub tokens: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Per-head maps `[heads, T', T']`, row-major.
+    pub per_head: Vec<f32>,
+    /// The head average `[T', T']`.
+    pub mean: Vec<f32>,
+    /// Frames averaged.
+    pub frames: usize,
 }
 
 /// The token model's layers (its parameters live in the tape's [`ParamStore`]).
@@ -187,18 +221,16 @@ impl TokenModel {
         let merger = (c.window > 1)
             .then(|| WindowMerger::new(ps, "merge", h, c.window))
             .transpose()?;
+        let shape = BlockShape {
+            hidden: h,
+            heads: c.heads,
+            ffn_hidden: c.ffn_hidden.unwrap_or(h),
+            dropout: c.dropout,
+            eps: c.eps,
+            attention: c.attention,
+        };
         let blocks = (0..c.blocks)
-            .map(|i| {
-                EqBlock::new(
-                    ps,
-                    &format!("block{i}"),
-                    h,
-                    c.heads,
-                    c.ffn_hidden.unwrap_or(h),
-                    c.dropout,
-                    c.eps,
-                )
-            })
+            .map(|i| EqBlock::new(ps, &format!("block{i}"), &shape))
             .collect::<Result<_>>()?;
         let mh = c.mlp_hidden.unwrap_or(h);
         let mlp = Linear::new(ps, "mlp", h, mh, true)?;
@@ -303,18 +335,107 @@ impl TokenModel {
             .map(|m| Tensor::from_slice(&dev, &[b, t], &m).map(Arc::new))
             .transpose()?;
         s = tokens::position_encoding(tape, s)?;
+        let mut attention = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            (s, v) = block.forward(tape, s, v, mask_t.clone())?;
+            let rec;
+            ((s, v), rec) = block.forward(tape, s, v, mask_t.clone())?;
+            attention.push(rec);
         }
         let kind = match c.pooling {
             Pooling::Mean => Pool::Mean,
             Pooling::First => Pool::First,
         };
-        let pooled = tokens::pool(tape, s, mask_t, kind)?;
+        let pooled = tokens::pool(tape, s, mask_t.clone(), kind)?;
         let hdn = self.mlp.forward(tape, pooled)?;
         let hdn = nn::silu(tape, hdn)?;
         let out = self.head.forward(tape, hdn)?;
-        Ok(TokenOutput { out, s, v })
+        Ok(TokenOutput {
+            out,
+            s,
+            v,
+            attention,
+            mask: mask_t,
+        })
+    }
+
+    /// Attention maps of every block from a forward pass's queries and keys: the softmax
+    /// probabilities (padding keys at 0) per head and averaged over heads, averaged over
+    /// `frames` of the batch (all frames when None). Computed one frame at a time, so the
+    /// memory is one frame's `heads x T' x T'` whatever the attention kernel.
+    pub fn attention_maps(
+        &self,
+        tape: &Tape,
+        out: &TokenOutput,
+        frames: Option<&[usize]>,
+    ) -> Result<Vec<AttentionMap>> {
+        let dev = tape.device().clone();
+        let mut maps = Vec::with_capacity(out.attention.len());
+        for (block, rec) in out.attention.iter().enumerate() {
+            let &[b, nh, t, dh] = tape.shape(rec.q) else {
+                anyhow::bail!(
+                    "attention maps: queries of block {block} are {:?}",
+                    tape.shape(rec.q)
+                );
+            };
+            let all: Vec<usize> = (0..b).collect();
+            let frames = frames.unwrap_or(&all);
+            ensure!(!frames.is_empty(), "attention maps: no frame chosen");
+            let q_all = tape.value(rec.q).to_vec()?;
+            let k_all = tape.value(rec.k).to_vec()?;
+            let mask_all = out.mask.as_ref().map(|m| m.to_vec()).transpose()?;
+            let mut acc = vec![0.0f64; nh * t * t];
+            for &f in frames {
+                ensure!(f < b, "attention maps: frame {f} is not in a batch of {b}");
+                let span = nh * t * dh;
+                let q = Tensor::from_slice(&dev, &[nh, t, dh], &q_all[f * span..(f + 1) * span])?;
+                let k = Tensor::from_slice(&dev, &[nh, t, dh], &k_all[f * span..(f + 1) * span])?;
+                let mut scores = Tensor::zeros(&dev, &[nh, t, t])?;
+                crate::ops::gemm::gemm_batched(
+                    false,
+                    true,
+                    t,
+                    t,
+                    dh,
+                    1.0,
+                    &q,
+                    &k,
+                    0.0,
+                    &mut scores,
+                    crate::ops::gemm::Batch::packed(nh, t, t, dh),
+                )?;
+                let mask = mask_all
+                    .as_ref()
+                    .map(|m| Tensor::from_slice(&dev, &[1, t], &m[f * t..(f + 1) * t]))
+                    .transpose()?;
+                let mut p = Tensor::zeros(&dev, &[nh, t, t])?;
+                crate::ops::softmax::softmax_forward(
+                    &scores,
+                    &mut p,
+                    1.0 / (dh as f32).sqrt(),
+                    mask.as_ref(),
+                    nh * t,
+                )?;
+                for (a, x) in acc.iter_mut().zip(p.to_vec()?) {
+                    *a += x as f64;
+                }
+            }
+            let n = frames.len() as f64;
+            let per_head: Vec<f32> = acc.iter().map(|&x| (x / n) as f32).collect();
+            let mean: Vec<f32> = (0..t * t)
+                .map(|i| {
+                    ((0..nh).map(|h| acc[h * t * t + i]).sum::<f64>() / (n * nh as f64)) as f32
+                })
+                .collect();
+            maps.push(AttentionMap {
+                block,
+                tokens: t,
+                heads: nh,
+                per_head,
+                mean,
+                frames: frames.len(),
+            });
+        }
+        Ok(maps)
     }
 }
 

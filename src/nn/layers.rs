@@ -164,8 +164,19 @@ impl EqFfn {
     }
 }
 
-/// Equivariant scaled dot-product attention, materialised (the tokens x tokens probabilities are
-/// stored): q, k and scalar values from s; one softmax weighs scalar values and raw vectors alike;
+/// How attention weights are computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKind {
+    /// The fused FlashAttention-style kernel: memory linear in tokens.
+    #[default]
+    Fused,
+    /// Scores, softmax and product as three ops, the tokens x tokens matrix stored (quadratic
+    /// memory): the reference the fused kernel is checked against.
+    Materialised,
+}
+
+/// Equivariant scaled dot-product attention: q, k and scalar values from s; one softmax weighs scalar values and raw vectors alike;
 /// `s_out = vdot * o1 + |v_attn| * o2 + o3` with `[o1, o2, o3] = o_proj(attn_s)` and
 /// `vdot = sum_xyz (W1 v_attn)(W2 v_attn)`; `v_out = sigmoid(gate([vdot, |v_attn|])) * v_attn + v`.
 #[derive(Clone, Debug)]
@@ -178,6 +189,7 @@ pub struct EqAttention {
     gate: Linear,
     heads: usize,
     h: usize,
+    kind: AttentionKind,
 }
 
 /// Keeps |v| differentiable at v = 0.
@@ -185,7 +197,13 @@ const NORM_EPS: f32 = 1e-8;
 
 impl EqAttention {
     /// `h` channels in `heads` heads.
-    pub fn new(ps: &mut ParamStore, name: &str, h: usize, heads: usize) -> Result<Self> {
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        h: usize,
+        heads: usize,
+        kind: AttentionKind,
+    ) -> Result<Self> {
         ensure!(
             heads > 0 && h % heads == 0,
             "{name}: {h} channels do not split into {heads} heads"
@@ -199,6 +217,7 @@ impl EqAttention {
             gate: Linear::new(ps, &format!("{name}.gate"), 2 * h, h, true)?,
             heads,
             h,
+            kind,
         })
     }
 
@@ -210,6 +229,18 @@ impl EqAttention {
         v: Var,
         mask: Option<Arc<Tensor<u8>>>,
     ) -> Result<(Var, Var)> {
+        Ok(self.forward_recorded(tape, s, v, mask)?.0)
+    }
+
+    /// As [`EqAttention::forward`], also returning the per-head queries and keys
+    /// (`[B, heads, T, dh]`), from which attention maps are recomputed.
+    pub fn forward_recorded(
+        &self,
+        tape: &mut Tape,
+        s: Var,
+        v: Var,
+        mask: Option<Arc<Tensor<u8>>>,
+    ) -> Result<((Var, Var), AttentionRecord)> {
         let (b, t, _, h) = tokens::dims(tape, s)?;
         let (nh, dh) = (self.heads, self.h / self.heads);
         let q = self.q.forward(tape, s)?;
@@ -218,13 +249,20 @@ impl EqAttention {
         let k = tokens::split_heads(tape, k, nh)?;
         let vs = self.vs.forward(tape, s)?;
         let values = tokens::head_values(tape, vs, v, nh)?;
-        let scores = super::matmul(tape, q, k, false, true, (b * nh, t, t, dh), 1.0)?;
-        let p = super::softmax(tape, scores, 1.0 / (dh as f32).sqrt(), mask, nh * t)?;
-        let o = super::matmul(tape, p, values, false, false, (b * nh, t, 4 * dh, t), 1.0)?;
-        tape.reshape(o, &[b, nh, t, 4 * dh])?;
+        let o = match self.kind {
+            AttentionKind::Fused => super::eqsdpa(tape, q, k, values, mask, nh)?,
+            AttentionKind::Materialised => {
+                let scores = super::matmul(tape, q, k, false, true, (b * nh, t, t, dh), 1.0)?;
+                let p = super::softmax(tape, scores, 1.0 / (dh as f32).sqrt(), mask, nh * t)?;
+                let o = super::matmul(tape, p, values, false, false, (b * nh, t, 4 * dh, t), 1.0)?;
+                tape.reshape(o, &[b, nh, t, 4 * dh])?;
+                o
+            }
+        };
         let attn_s = tokens::merge_heads(tape, o, 1, h, 0)?;
         let v_attn = tokens::merge_heads(tape, o, 3, h, dh)?;
-        self.head(tape, attn_s, v_attn, v)
+        let out = self.head(tape, attn_s, v_attn, v)?;
+        Ok((out, AttentionRecord { q, k, heads: nh }))
     }
 
     /// Everything after the attention weights: the invariants of the attended vectors, the scalar
@@ -242,6 +280,17 @@ impl EqAttention {
         let v_out = super::add(tape, gated, v)?;
         Ok((s_out, v_out))
     }
+}
+
+/// The queries and keys of one attention layer, left on the tape for attention maps.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionRecord {
+    /// Queries `[B, heads, T, dh]`.
+    pub q: Var,
+    /// Keys `[B, heads, T, dh]`.
+    pub k: Var,
+    /// Heads.
+    pub heads: usize,
 }
 
 /// Which residue graph convolution TMM step b uses.
@@ -355,6 +404,23 @@ impl WindowMerger {
     }
 }
 
+/// The sizes and options of an [`EqBlock`].
+#[derive(Clone, Copy, Debug)]
+pub struct BlockShape {
+    /// Channels (H).
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Hidden width of the EqFFN.
+    pub ffn_hidden: usize,
+    /// Dropout on each branch.
+    pub dropout: f32,
+    /// Layer-norm epsilon.
+    pub eps: f32,
+    /// Fused or materialised attention.
+    pub attention: AttentionKind,
+}
+
 /// One pre-norm block: `x += EqSDPA(EqLN(x)); x += EqFFN(EqLN(x))`, with dropout on each branch.
 #[derive(Clone, Debug)]
 pub struct EqBlock {
@@ -366,35 +432,35 @@ pub struct EqBlock {
 }
 
 impl EqBlock {
-    /// A block over `h` channels.
-    pub fn new(
-        ps: &mut ParamStore,
-        name: &str,
-        h: usize,
-        heads: usize,
-        ffn_hidden: usize,
-        dropout: f32,
-        eps: f32,
-    ) -> Result<Self> {
+    /// A block of the given shape.
+    pub fn new(ps: &mut ParamStore, name: &str, shape: &BlockShape) -> Result<Self> {
+        let h = shape.hidden;
         Ok(Self {
-            ln1: EqLayerNorm::new(ps, &format!("{name}.ln1"), h, eps)?,
-            attn: EqAttention::new(ps, &format!("{name}.attn"), h, heads)?,
-            ln2: EqLayerNorm::new(ps, &format!("{name}.ln2"), h, eps)?,
-            ffn: EqFfn::new(ps, &format!("{name}.ffn"), h, ffn_hidden, dropout)?,
-            dropout,
+            ln1: EqLayerNorm::new(ps, &format!("{name}.ln1"), h, shape.eps)?,
+            attn: EqAttention::new(ps, &format!("{name}.attn"), h, shape.heads, shape.attention)?,
+            ln2: EqLayerNorm::new(ps, &format!("{name}.ln2"), h, shape.eps)?,
+            ffn: EqFfn::new(
+                ps,
+                &format!("{name}.ffn"),
+                h,
+                shape.ffn_hidden,
+                shape.dropout,
+            )?,
+            dropout: shape.dropout,
         })
     }
 
-    /// Applies the block; padding tokens (mask 0) are zeroed on the way out.
+    /// Applies the block; padding tokens (mask 0) are zeroed on the way out. Also returns the
+    /// attention layer's queries and keys.
     pub fn forward(
         &self,
         tape: &mut Tape,
         s: Var,
         v: Var,
         mask: Option<Arc<Tensor<u8>>>,
-    ) -> Result<(Var, Var)> {
+    ) -> Result<((Var, Var), AttentionRecord)> {
         let (sn, vn) = self.ln1.forward(tape, s, v)?;
-        let (sa, va) = self.attn.forward(tape, sn, vn, mask.clone())?;
+        let ((sa, va), record) = self.attn.forward_recorded(tape, sn, vn, mask.clone())?;
         let sa = super::dropout(tape, sa, self.dropout, 1)?;
         let va = super::dropout(tape, va, self.dropout, 3)?;
         let s = super::add(tape, s, sa)?;
@@ -409,6 +475,6 @@ impl EqBlock {
             s = tokens::token_mask(tape, s, m.clone())?;
             v = tokens::token_mask(tape, v, m)?;
         }
-        Ok((s, v))
+        Ok(((s, v), record))
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! As in BLAS, `beta = 0` assigns `C` without reading it (it may hold NaN), and `alpha = 0` reads
 //! neither `A` nor `B`. Results are deterministic on every device: each output is one fixed-order
-//! sum (no atomics, no split-k).
+//! sum (no atomics, no split-k). That holds for our kernels, the default; on cuda, `HIERMD_GEMM`
+//! can hand products to cuBLAS instead, whose weaker guarantee [`super::gemm_cublas`] states.
 //!
 //! Backward passes follow llm.c: activation gradients are assigned or accumulated as the caller
 //! asks (`beta`), parameter gradients are accumulated (`+=`).
@@ -652,6 +653,15 @@ fn gemm_f32_any(
     if p.is_empty() {
         return Ok(());
     }
+    // On cuda, cuBLAS takes the product instead of our kernel when HIERMD_GEMM or
+    // gemm_cublas::set_backend selects it and it loads (see gemm_cublas.rs); a bias epilogue
+    // stays on our kernel, which adds it in the epilogue.
+    if let (Device::Cuda(cuda), None) = (&dev, bias) {
+        let (trans, dims) = ((p.transa, p.transb), (p.m, p.n, p.k));
+        if super::gemm_cublas::try_sgemm(cuda, trans, dims, alpha, a, b, beta, c, p.batch)? {
+            return Ok(());
+        }
+    }
     match dev {
         Device::Cpu => {
             let (a, b) = (host(op, a)?, host(op, b)?);
@@ -857,6 +867,13 @@ fn gemm_half_any<T: HalfFloat>(
     check_problem(op, p, a, b, c, None, batched)?;
     if p.is_empty() {
         return Ok(());
+    }
+    // cuBLAS (cublasGemmEx, f32 accumulation) when selected and available, as in gemm_f32_any.
+    if let Device::Cuda(cuda) = &dev {
+        let (trans, dims) = ((p.transa, p.transb), (p.m, p.n, p.k));
+        if super::gemm_cublas::try_gemm_half(cuda, trans, dims, alpha, a, b, beta, c, p.batch)? {
+            return Ok(());
+        }
     }
     match dev {
         Device::Cpu => {
