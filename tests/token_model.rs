@@ -740,5 +740,31 @@ device_test!(attention_maps_are_the_softmax_of_queries_and_keys, |dev| {
             1e-4,
         )?;
     }
+    // Written out as arrays and pictures with residue numbers on the axes.
+    let dir =
+        std::env::temp_dir().join(format!("hiermd-attn-{}-{}", std::process::id(), dev.name()));
+    let resids: Vec<i32> = (101..101 + inputs.r as i32).collect();
+    let labels = hiermd::model::token_labels(&resids, 2);
+    ensure!(
+        labels[0] == "101-102" && labels.last().unwrap() == "113",
+        "labels {labels:?}"
+    );
+    let files = maps[0].save(&dir, &labels)?;
+    ensure!(
+        files.len() == 2 + 1 + maps[0].heads,
+        "files written: {files:?}"
+    );
+    let (shape, data) = hiermd::npy::read_f32(&files[0])?;
+    ensure!(
+        shape == [maps[0].heads, maps[0].tokens, maps[0].tokens],
+        "npy shape {shape:?}"
+    );
+    ensure!(data == maps[0].per_head, "the npy holds the map");
+    let svg = std::fs::read_to_string(&files[2])?;
+    ensure!(
+        svg.contains("<svg") && svg.contains("query (residue)"),
+        "heat map SVG"
+    );
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 });

@@ -2,4 +2,4 @@
 
 pub mod token;
 
-pub use token::{AttentionMap, Pooling, TokenBatch, TokenModel, TokenModelConfig, TokenOutput};
+pub use token::{token_labels, AttentionMap, Pooling, TokenBatch, TokenModel, TokenModelConfig, TokenOutput};

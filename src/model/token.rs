@@ -25,7 +25,7 @@ use crate::tensor::Tensor;
 use crate::Device;
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Pooling over tokens, as written in TOML.
@@ -194,6 +194,76 @@ pub struct AttentionMap {
     pub mean: Vec<f32>,
     /// Frames averaged.
     pub frames: usize,
+}
+
+impl AttentionMap {
+    /// Writes the map into `dir`: `attention_block{b}.npy` (`[heads, T', T']`),
+    /// `attention_block{b}_mean.npy` (`[T', T']`), and heat maps `attention_block{b}_mean.svg`
+    /// and `attention_block{b}_head{h}.svg` with `token_labels` (one per token, e.g. from
+    /// [`token_labels`]) on the axes: rows are queries, columns keys. Returns the files written.
+    pub fn save(&self, dir: impl AsRef<Path>, token_labels: &[String]) -> Result<Vec<PathBuf>> {
+        let dir = dir.as_ref();
+        let t = self.tokens;
+        ensure!(
+            token_labels.len() == t,
+            "attention map of block {}: {} token labels for {t} tokens",
+            self.block,
+            token_labels.len()
+        );
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let b = self.block;
+        let mut written = Vec::new();
+        let p = dir.join(format!("attention_block{b}.npy"));
+        crate::npy::write_f32(&p, &[self.heads, t, t], &self.per_head)?;
+        written.push(p);
+        let p = dir.join(format!("attention_block{b}_mean.npy"));
+        crate::npy::write_f32(&p, &[t, t], &self.mean)?;
+        written.push(p);
+        let picture = |data: &[f32], title: String, path: PathBuf| -> Result<PathBuf> {
+            crate::plot::Heatmap::new(t, t, data)
+                .title(title)
+                .x_label("key (residue)")
+                .y_label("query (residue)")
+                .value_label("attention probability")
+                .x_labels(token_labels.to_vec())
+                .y_labels(token_labels.to_vec())
+                .save_svg(&path)?;
+            Ok(path)
+        };
+        written.push(picture(
+            &self.mean,
+            format!(
+                "block {b}: attention averaged over {} heads and {} frames",
+                self.heads, self.frames
+            ),
+            dir.join(format!("attention_block{b}_mean.svg")),
+        )?);
+        for h in 0..self.heads {
+            written.push(picture(
+                &self.per_head[h * t * t..(h + 1) * t * t],
+                format!(
+                    "block {b}, head {h}: attention averaged over {} frames",
+                    self.frames
+                ),
+                dir.join(format!("attention_block{b}_head{h}.svg")),
+            )?);
+        }
+        Ok(written)
+    }
+}
+
+/// Axis labels of merged tokens: the residue numbers each token covers (`"17"` for w = 1,
+/// `"17-20"` for a window of four), from the residue number of every residue token.
+pub fn token_labels(residue_numbers: &[i32], window: usize) -> Vec<String> {
+    residue_numbers
+        .chunks(window.max(1))
+        .map(|c| match (c.first(), c.last()) {
+            (Some(a), Some(z)) if a != z => format!("{a}-{z}"),
+            (Some(a), _) => a.to_string(),
+            _ => String::new(),
+        })
+        .collect()
 }
 
 /// The token model's layers (its parameters live in the tape's [`ParamStore`]).

@@ -75,19 +75,11 @@ pub fn export(
     let mut w = BufWriter::with_capacity(1 << 20, f);
     match format {
         ExportFormat::Npy => {
-            let header = format!(
-                "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}, 3), }}",
-                n,
-                ds.natoms()
-            );
-            // Magic, version 1.0, header length; the header is padded so data start 64-aligned.
-            let total = (10 + header.len() + 1).next_multiple_of(64);
-            let mut h = header.into_bytes();
-            h.resize(total - 10 - 1, b' ');
-            h.push(b'\n');
-            w.write_all(b"\x93NUMPY\x01\x00")?;
-            w.write_all(&(h.len() as u16).to_le_bytes())?;
-            w.write_all(&h)?;
+            // The header (64-byte aligned data, as NumPy writes it), then frames one at a time.
+            w.write_all(&crate::npy::header(
+                crate::npy::Dtype::F32,
+                &[n, ds.natoms(), 3],
+            ))?;
             for i in range.clone() {
                 w.write_all(bytemuck::cast_slice(t.frame(i)))?;
             }
