@@ -14,11 +14,17 @@
 
 mod dataset;
 mod export;
+mod features;
 mod import;
 mod pairs;
 
 pub use dataset::{Dataset, StoredAtom, StoredTrajectory};
 pub use export::{export, parse_frames, ExportFormat};
+pub use features::{
+    write_npy, FeatureData, FeatureDtype, FeatureFrame, FeatureManifest, FeatureSettings,
+    FeatureStore, FeatureTrajectory, FeatureWriter, FAULT_ABORT_ENV, FEATURE_HEADER_BYTES,
+    FEATURE_MAGIC, FEATURE_VERSION,
+};
 pub use import::{import, ImportOptions, ImportReport};
 pub use pairs::{Batch, BatchLoader, Lag, LaggedPairs, PairIndex, Split};
 
