@@ -11,6 +11,7 @@
 
 use anyhow::Result;
 use hiermd::model::{TokenBatch, TokenModel, TokenModelConfig};
+use hiermd::nn::layers::AttentionKind;
 use hiermd::optim::{OptimConfig, Optimizer};
 use hiermd::tape::Tape;
 use hiermd::testing::{median_seconds, test_devices, Availability, Rng};
@@ -21,6 +22,7 @@ const CHANNELS: usize = 64;
 
 struct Row {
     device: String,
+    attention: AttentionKind,
     window: usize,
     tokens: usize,
     batch: usize,
@@ -31,13 +33,14 @@ struct Row {
     activations_mb: f64,
 }
 
-fn bench(dev: &Device, window: usize, batch: usize) -> Result<Row> {
+fn bench(dev: &Device, window: usize, batch: usize, attention: AttentionKind) -> Result<Row> {
     let config = TokenModelConfig {
         input_channels: CHANNELS,
         hidden: CHANNELS,
         heads: 4,
         blocks: 2,
         window,
+        attention,
         dropout: 0.1,
         output: 4,
         seed: 1,
@@ -85,6 +88,7 @@ fn bench(dev: &Device, window: usize, batch: usize) -> Result<Row> {
     let params = tape.params().bytes() + tape.params().numel() * 8; // + Adam m, v
     Ok(Row {
         device: dev.name(),
+        attention,
         window,
         tokens: model.tokens(RESIDUES),
         batch,
@@ -111,8 +115,12 @@ fn main() -> Result<()> {
     }
     let mut rows = Vec::new();
     for dev in &devices {
-        for w in [1, 2, 4, 8] {
-            let r = bench(dev, w, batch)?;
+        let runs = [1, 2, 4, 8]
+            .map(|w| (w, AttentionKind::Fused))
+            .into_iter()
+            .chain([1, 8].map(|w| (w, AttentionKind::Materialised)));
+        for (w, kind) in runs {
+            let r = bench(dev, w, batch, kind)?;
             eprintln!(
                 "{} w={} step {:.1} ms ({:.1} samples/s), peak {:.1} MB",
                 r.device, r.window, r.step_ms, r.samples_per_s, r.peak_mb
@@ -121,12 +129,13 @@ fn main() -> Result<()> {
         }
     }
     println!("\nToken model (H = {CHANNELS}, 4 heads, 2 blocks, dropout 0.1), {RESIDUES} residues, AdamW step\n");
-    println!("| device | w | tokens | batch | forward ms | train step ms | samples/s | peak MB | of which activations MB |");
-    println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("| device | attention | w | tokens | batch | forward ms | train step ms | samples/s | peak MB | of which activations MB |");
+    println!("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:?} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.device,
+            r.attention,
             r.window,
             r.tokens,
             r.batch,
@@ -141,7 +150,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|r| {
             serde_json::json!({
-                "device": r.device, "window": r.window, "tokens": r.tokens, "batch": r.batch,
+                "device": r.device, "attention": format!("{:?}", r.attention), "window": r.window, "tokens": r.tokens, "batch": r.batch,
                 "forward_ms": r.forward_ms, "step_ms": r.step_ms,
                 "samples_per_s": r.samples_per_s, "peak_mb": r.peak_mb, "activations_mb": r.activations_mb,
             })

@@ -483,7 +483,7 @@ device_test!(tape_accumulates_fan_out_and_skips_frozen, |dev| {
     let z = frozen.forward(&mut tape, y)?;
     let a = hiermd::nn::silu(&mut tape, y)?;
     let out = hiermd::nn::add(&mut tape, z, a)?;
-    let seed = Tensor::from_slice(dev, &[3, 4], &vec![1.0; 12])?;
+    let seed = Tensor::from_slice(dev, &[3, 4], &[1.0; 12])?;
     tape.backward(out, seed)?;
     let gx = tape.grad(x).expect("x asked for a gradient").to_vec()?;
     // Reference in f64 on the host.

@@ -7,6 +7,7 @@
 //! weights and never with another component: that is what keeps the vector channels
 //! rotation-equivariant.
 
+pub mod atoms;
 pub mod equivariant;
 pub mod graph;
 pub mod layers;
@@ -249,5 +250,65 @@ pub fn dropout(tape: &mut Tape, x: Var, p: f32, comps: usize) -> Result<Var> {
     let needs = tape.needs_grad(x);
     tape.record1("dropout", y, needs, move |ctx, dy| {
         ctx.add_grad(x, |dx| drop_ops::dropout_backward(dy, dx, p, seed, layout))
+    })
+}
+
+/// Fused equivariant attention core ([`crate::ops::eqsdpa`]): `softmax(scale q k^T) values` per
+/// (frame, head) for `q`, `k` `[B, heads, T, dh]` and `values` `[B, heads, T, 4 dh]`, without
+/// the T x T matrix; the row log-sum-exp is kept for the backward pass, which recomputes the
+/// probabilities tile by tile (deterministic, no float atomics).
+pub fn eqsdpa(
+    tape: &mut Tape,
+    q: Var,
+    k: Var,
+    values: Var,
+    mask: Option<Arc<Tensor<u8>>>,
+    heads: usize,
+) -> Result<Var> {
+    let qs = tape.shape(q).to_vec();
+    ensure!(
+        qs.len() == 4,
+        "eqsdpa: queries {qs:?} are not [B, heads, T, dh]"
+    );
+    let (b, t, dh) = (qs[0], qs[2], qs[3]);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut out = tape.alloc_like(values)?;
+    let mut lse = tape.alloc(&[b * heads, t])?;
+    crate::ops::eqsdpa::eqsdpa_forward(
+        tape.value(q),
+        tape.value(k),
+        tape.value(values),
+        mask.as_deref(),
+        heads,
+        scale,
+        &mut out,
+        &mut lse,
+    )?;
+    let lse = tape.input(lse)?;
+    let needs = tape.any_needs(&[q, k, values], &[]);
+    let ov = tape.next_var();
+    tape.record1("eqsdpa", out, needs, move |ctx, dout| {
+        let vals = ctx.vals;
+        let mut dq = ctx.scratch(vals[q.0].shape())?;
+        let mut dk = ctx.scratch(vals[k.0].shape())?;
+        let mut dv = ctx.scratch(vals[values.0].shape())?;
+        crate::ops::eqsdpa::eqsdpa_backward(
+            &vals[q.0],
+            &vals[k.0],
+            &vals[values.0],
+            &vals[ov.0],
+            &vals[lse.0],
+            dout,
+            mask.as_deref(),
+            heads,
+            scale,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            true,
+        )?;
+        ctx.give_grad(q, dq)?;
+        ctx.give_grad(k, dk)?;
+        ctx.give_grad(values, dv)
     })
 }

@@ -2,9 +2,17 @@
 //! cpu device's f32 implementation and the tests' f64 reference), a CUDA kernel of the same name
 //! in `cuda/`, and a backward; tests in `tests/` of the same name run it on every device.
 
+pub mod dropout;
 pub mod elementwise;
+pub mod eqsdpa;
+pub mod equivariant;
 pub mod gemm;
+pub mod gemm_cublas;
+pub mod graph_conv;
 pub mod reduce;
+pub mod scatter;
+pub mod softmax;
+pub mod tokens;
 
 use crate::device::Device;
 use crate::tensor::{Element, Tensor};

@@ -1,0 +1,1011 @@
+//! Fused equivariant scaled dot-product attention (EqSDPA), FlashAttention-2 style: the core of
+//! [`crate::nn::layers::EqAttention`] without the tokens x tokens matrix. Kernels:
+//! `cuda/eqsdpa.cu`.
+//!
+//! Layout, per (frame b, head h) pair `bh = b * heads + h` (what `EqAttention` produces):
+//! - `q`, `k`: `[BH, T, dh]` (any shape ending in `[T, dh]`), dh in {16, 32, 64};
+//! - `values`: `[BH, T, 4 dh]`: dh scalar values then the x, y, z components of dh vector
+//!   channels; one softmax weighs all 4 dh columns;
+//! - `mask`: optional `[B, T]` u8, 0 = padding key (its probability is exactly 0); the frame of
+//!   row bh is `bh / heads`;
+//! - `out`: `[BH, T, 4 dh]` = softmax(scale q k^T, masked) values;
+//! - `lse`: `[BH, T]`, the natural log of each row's sum of exp(scale q k^T) over unmasked keys.
+//!
+//! A query whose keys are all masked gets `out = 0` and `lse = +inf`: the backward recomputes
+//! `P = exp(scale q k - lse)`, which is then exactly 0, so its gradients are 0 (never NaN).
+//!
+//! The forward streams key/value tiles past a tile of queries with the online softmax (running
+//! maximum and sum per query, the accumulator rescaled when the maximum grows) and saves lse; the
+//! backward follows FlashAttention-2: one pass parallel over key tiles for dk and dvalues and one
+//! parallel over query tiles for dq, both recomputing P from lse. FlashAttention-2's
+//! `dS = P (dP - D)`, `D = rowsum(dout * out)`, is computed as `P (dout . (values - out))`: the
+//! same quantity as one dot product, which does not cancel where attention is sharp.
+//! Memory is linear in T. The cpu device runs the same tiled algorithm in Rust
+//! ([`eqsdpa_forward_host`], [`eqsdpa_backward_host`]), each tile's products by the `gemm`
+//! crate's SIMD kernels; [`eqsdpa_reference_host`] is the plain materialised f64 attention the
+//! tests compare with. [`eqsdpa_forward_half`] is a bf16 / f16 forward on the tensor cores.
+//!
+//! Gradients of the backward are activation gradients: assigned (`dq = ...`), never accumulated.
+//! Results are deterministic on every device (no float atomics).
+
+use super::gemm::{GemmReal, HalfFloat};
+use super::softmax::Ln;
+use super::{same_device, Real};
+use crate::device::Device;
+use crate::kernels::eqsdpa as k;
+use crate::launch::{launch, Kernel, KernelArgs, LaunchConfig};
+use crate::tensor::{DType, Element, Tensor};
+use anyhow::{ensure, Context, Result};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Sizes of one attention call, read from the tensors by the device entry points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EqsdpaDims {
+    /// (frame, head) pairs: frames x heads.
+    pub bh: usize,
+    /// Tokens per frame (queries = keys).
+    pub t: usize,
+    /// Head width of q and k; values are 4 dh wide.
+    pub dh: usize,
+    /// Heads per frame (the mask has one row per frame, bh / heads of them).
+    pub heads: usize,
+}
+
+impl EqsdpaDims {
+    /// Width of a value row: 4 dh.
+    pub fn dv(&self) -> usize {
+        4 * self.dh
+    }
+    /// Frames: bh / heads.
+    pub fn frames(&self) -> usize {
+        self.bh / self.heads.max(1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch constants; each must match the kernel's configuration in cuda/eqsdpa.cu (the kernels
+// check their block size).
+
+/// (queries per block, threads) of `eqsdpa_forward_f32_dh{16,32,64}` (`EqsdpaFwd*`).
+const FWD_F32: [(usize, u32); 3] = [(64, 128), (64, 128), (64, 256)];
+/// (keys per block, threads) of `eqsdpa_backward_dkdv_f32_dh*` (`EqsdpaDkv*`).
+const DKDV_F32: [(usize, u32); 3] = [(32, 128), (32, 128), (16, 128)];
+/// (queries per block, threads) of `eqsdpa_backward_dq_f32_dh*` (`EqsdpaDq*`).
+const DQ_F32: [(usize, u32); 3] = [(32, 128), (16, 128), (8, 128)];
+/// (queries per block, threads) of the tensor-core forward `eqsdpa_forward_{bf16,f16}_dh*`
+/// (`EqsdpaMma*`): four warps of 16 queries.
+const FWD_MMA: (usize, u32) = (64, 128);
+/// The grids are 1-D with a grid-stride loop over (bh, tile) pairs; more blocks than this add
+/// nothing but scheduling.
+const GRID_MAX: usize = 1 << 20;
+
+/// Index of dh in the per-dh tables.
+fn dh_index(dh: usize) -> usize {
+    match dh {
+        16 => 0,
+        32 => 1,
+        _ => 2,
+    }
+}
+
+static FWD_F32_KERNELS: [&Kernel; 3] = [
+    &k::EQSDPA_FORWARD_F32_DH16,
+    &k::EQSDPA_FORWARD_F32_DH32,
+    &k::EQSDPA_FORWARD_F32_DH64,
+];
+static FWD_BF16_KERNELS: [&Kernel; 3] = [
+    &k::EQSDPA_FORWARD_BF16_DH16,
+    &k::EQSDPA_FORWARD_BF16_DH32,
+    &k::EQSDPA_FORWARD_BF16_DH64,
+];
+static FWD_F16_KERNELS: [&Kernel; 3] = [
+    &k::EQSDPA_FORWARD_F16_DH16,
+    &k::EQSDPA_FORWARD_F16_DH32,
+    &k::EQSDPA_FORWARD_F16_DH64,
+];
+static DKDV_F32_KERNELS: [&Kernel; 3] = [
+    &k::EQSDPA_BACKWARD_DKDV_F32_DH16,
+    &k::EQSDPA_BACKWARD_DKDV_F32_DH32,
+    &k::EQSDPA_BACKWARD_DKDV_F32_DH64,
+];
+static DQ_F32_KERNELS: [&Kernel; 3] = [
+    &k::EQSDPA_BACKWARD_DQ_F32_DH16,
+    &k::EQSDPA_BACKWARD_DQ_F32_DH32,
+    &k::EQSDPA_BACKWARD_DQ_F32_DH64,
+];
+
+// ---------------------------------------------------------------------------------------------
+// CPU twins: the same tiled algorithm, rayon over (bh, tile), each tile's products by the `gemm`
+// crate's SIMD kernels (single-threaded inside a rayon task).
+
+/// Queries per tile (a rayon task of the forward and of the dq pass; a step of the dk/dvalues
+/// pass).
+const CPU_QUERY_TILE: usize = 64;
+/// Keys per tile (a step of the forward and of the dq pass; a rayon task of the dk/dvalues pass).
+/// A tile of k and values (128 x 5 dh floats, 160 KB at dh = 64) stays in L2 while a query tile
+/// passes over it.
+const CPU_KEY_TILE: usize = 128;
+
+/// Dot product with eight interleaved partial sums, added in a fixed tree at the end: the
+/// compiler turns the lanes into SIMD, the order is fixed (deterministic), and the error grows
+/// with n / 8 rather than n.
+#[inline]
+fn dot<R: Real>(a: &[R], b: &[R]) -> R {
+    let zero = R::of(0.0);
+    let mut l = [zero; 8];
+    let n8 = a.len() / 8 * 8;
+    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+        for i in 0..8 {
+            l[i] = l[i] + ca[i] * cb[i];
+        }
+    }
+    let mut s = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    for (&x, &y) in a[n8..].iter().zip(&b[n8..]) {
+        s = s + x * y;
+    }
+    s
+}
+
+/// `c (m x n, row length ldc) = a b`, or `c += a b` with `add`, on one thread: a is m x k and b
+/// is k x n, each given with its (row, column) element strides, so a transpose is a stride swap.
+/// The sum over k is formed apart and then added to c, so accumulating tile after tile is a
+/// blocked summation.
+#[allow(clippy::too_many_arguments)] // a GEMM's operands
+fn tile_gemm<T: GemmReal>(
+    (m, n, k): (usize, usize, usize),
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    c: &mut [T],
+    ldc: usize,
+    add: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The last element each operand's strides reach must lie inside its slice.
+    assert!(k > 0 && (m - 1) * a_rs + (k - 1) * a_cs < a.len());
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
+    assert!(ldc >= n && (m - 1) * ldc + n <= c.len());
+    // SAFETY: the asserts above keep every access inside the slices; c is borrowed mutably, so
+    // it aliases neither a nor b. The crate computes dst = alpha dst + beta lhs rhs, reading dst
+    // only when `add`.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            add,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::of(1.0),
+            T::of(1.0),
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The float types of the CPU twins (f32, f64), with the steps the kernels take without an
+/// intermediate rounding.
+pub trait EqsdpaReal: Ln + GemmReal {
+    /// `exp(a - b)` without rounding `a - b` (the kernels' `eqsdpa_exp_diff`): the backward's
+    /// `P = exp(s - lse)`, where a rounded difference would add a few ulps to every P. `b = +inf`
+    /// gives 0.
+    fn exp_diff(a: Self, b: Self) -> Self;
+    /// `m + ln(l)` rounded once, as the kernels compute lse (in double).
+    fn log_add(m: Self, l: Self) -> Self;
+    /// The value in f64 (exact).
+    fn to_f64(self) -> f64;
+}
+
+impl EqsdpaReal for f32 {
+    fn exp_diff(a: f32, b: f32) -> f32 {
+        // The difference of two f32 is exact in f64 (for any values an attention row holds):
+        // split it into the f32 the kernels' TwoSum gives and the remainder, exp(hi) (1 + lo).
+        let x = a as f64 - b as f64;
+        let hi = x as f32;
+        if hi == f32::NEG_INFINITY {
+            return 0.0;
+        }
+        let lo = (x - hi as f64) as f32;
+        let e = hi.exp();
+        e + e * lo
+    }
+    fn log_add(m: f32, l: f32) -> f32 {
+        (m as f64 + (l as f64).ln()) as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl EqsdpaReal for f64 {
+    fn exp_diff(a: f64, b: f64) -> f64 {
+        (a - b).exp()
+    }
+    fn log_add(m: f64, l: f64) -> f64 {
+        m + l.ln()
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+fn inf<R: Real>() -> R {
+    R::of(f64::INFINITY)
+}
+
+/// Whether key `j` takes part (mask row of the frame, if any).
+#[inline]
+fn keep(mask_row: Option<&[u8]>, j: usize) -> bool {
+    mask_row.is_none_or(|m| m[j] != 0)
+}
+
+/// The forward of one tile of queries (`qs`: its rows of q; `out`, `lse`: its rows of the
+/// outputs) against all keys of its (frame, head), streamed in tiles of [`CPU_KEY_TILE`]:
+/// S = Q K^T by GEMM, the online softmax row by row, then acc = alpha acc + P V by GEMM.
+#[allow(clippy::too_many_arguments)] // the tile's operands
+fn forward_tile<R: EqsdpaReal>(
+    qs: &[R],
+    kb: &[R],
+    vb: &[R],
+    mask_row: Option<&[u8]>,
+    d: EqsdpaDims,
+    scale: R,
+    out: &mut [R],
+    lse: &mut [R],
+) {
+    let (t, dh, dv) = (d.t, d.dh, d.dv());
+    let rows = lse.len();
+    let zero = R::of(0.0);
+    let mut m = vec![-inf::<R>(); rows];
+    let mut l = vec![zero; rows];
+    let mut s = vec![zero; rows * CPU_KEY_TILE];
+    out.iter_mut().for_each(|o| *o = zero);
+    for k0 in (0..t).step_by(CPU_KEY_TILE) {
+        let kn = CPU_KEY_TILE.min(t - k0);
+        // S = Q K^T: K's rows, read with swapped strides, are the columns of K^T.
+        let kt = &kb[k0 * dh..][..kn * dh];
+        tile_gemm((rows, kn, dh), qs, (dh, 1), kt, (1, dh), &mut s, kn, false);
+        for r in 0..rows {
+            let srow = &mut s[r * kn..][..kn];
+            let mut tmax = -inf::<R>();
+            for (j, sj) in srow.iter_mut().enumerate() {
+                *sj = if keep(mask_row, k0 + j) {
+                    let v = scale * *sj;
+                    if v > tmax {
+                        tmax = v;
+                    }
+                    v
+                } else {
+                    -inf::<R>()
+                };
+            }
+            let m_new = if tmax > m[r] { tmax } else { m[r] };
+            // A row that has seen only masked keys keeps m = -inf: exponents are taken against
+            // 0 instead, which gives P = 0 and alpha = 0, never exp(-inf - -inf) = NaN.
+            let m_use = if m_new == -inf::<R>() { zero } else { m_new };
+            let alpha = (m[r] - m_use).exp();
+            let mut tsum = zero;
+            for sj in srow.iter_mut() {
+                // exp(-inf) = 0: a masked key's P is exactly 0.
+                *sj = (*sj - m_use).exp();
+                tsum = tsum + *sj;
+            }
+            out[r * dv..][..dv].iter_mut().for_each(|a| *a = *a * alpha);
+            l[r] = l[r] * alpha + tsum;
+            m[r] = m_new;
+        }
+        // acc += P V (the tile's products summed apart, then added).
+        let vt = &vb[k0 * dv..][..kn * dv];
+        tile_gemm((rows, dv, kn), &s, (kn, 1), vt, (dv, 1), out, dv, true);
+    }
+    for r in 0..rows {
+        let acc = &mut out[r * dv..][..dv];
+        if l[r] > zero {
+            // A division per element: a rounded 1 / l would share its error along the row.
+            acc.iter_mut().for_each(|a| *a = *a / l[r]);
+            lse[r] = R::log_add(m[r], l[r]);
+        } else {
+            acc.iter_mut().for_each(|a| *a = zero);
+            lse[r] = inf();
+        }
+    }
+}
+
+/// CPU twin of [`eqsdpa_forward`]: the tiled online-softmax forward, rayon over (bh, tile of
+/// 64 queries). Slices as in the module docs; `mask` is `[frames, t]`.
+#[allow(clippy::too_many_arguments)] // the op's operands
+pub fn eqsdpa_forward_host<R: EqsdpaReal>(
+    q: &[R],
+    k: &[R],
+    values: &[R],
+    mask: Option<&[u8]>,
+    dims: EqsdpaDims,
+    scale: R,
+    out: &mut [R],
+    lse: &mut [R],
+) {
+    let (t, dh, dv) = (dims.t, dims.dh, dims.dv());
+    if t == 0 || dims.bh == 0 {
+        return;
+    }
+    out.par_chunks_mut(t * dv)
+        .zip(lse.par_chunks_mut(t))
+        .enumerate()
+        .for_each(|(bh, (out, lse))| {
+            let qb = &q[bh * t * dh..][..t * dh];
+            let kb = &k[bh * t * dh..][..t * dh];
+            let vb = &values[bh * t * dv..][..t * dv];
+            let mask_row = mask.map(|m| &m[(bh / dims.heads) * t..][..t]);
+            out.par_chunks_mut(CPU_QUERY_TILE * dv)
+                .zip(lse.par_chunks_mut(CPU_QUERY_TILE))
+                .enumerate()
+                .for_each(|(tile, (out, lse))| {
+                    let q0 = tile * CPU_QUERY_TILE;
+                    let qs = &qb[q0 * dh..][..lse.len() * dh];
+                    forward_tile(qs, kb, vb, mask_row, dims, scale, out, lse);
+                });
+        });
+}
+
+/// CPU twin of [`eqsdpa_backward`] (FlashAttention-2): per (frame, head), dk and dvalues in a
+/// pass parallel over key tiles, each streaming every query tile past its keys, and dq in a pass
+/// parallel over query tiles, each streaming every key tile; both recompute
+/// `P = exp(scale q k - lse)` from GEMM scores. `dP - D` (see `cuda/eqsdpa.cu`) is formed here
+/// from `dP = dout values^T` by an f64 GEMM and `D = rowsum(dout out)` in f64, where the
+/// difference of the two loses nothing that matters to the f32 result even when attention is
+/// sharp; that costs f64 copies of values and dout (linear in T). Sums over queries (dk,
+/// dvalues) and keys (dq) are blocked per tile. Assigns dq, dk, dvalues.
+#[allow(clippy::too_many_arguments)] // the op's operands and gradients
+pub fn eqsdpa_backward_host<R: EqsdpaReal>(
+    q: &[R],
+    k: &[R],
+    values: &[R],
+    out: &[R],
+    lse: &[R],
+    dout: &[R],
+    mask: Option<&[u8]>,
+    dims: EqsdpaDims,
+    scale: R,
+    dq: &mut [R],
+    dk: &mut [R],
+    dvalues: &mut [R],
+) {
+    let (t, dh, dv) = (dims.t, dims.dh, dims.dv());
+    if t == 0 || dims.bh == 0 {
+        return;
+    }
+    let zero = R::of(0.0);
+    dq.par_chunks_mut(t * dh)
+        .zip(dk.par_chunks_mut(t * dh))
+        .zip(dvalues.par_chunks_mut(t * dv))
+        .enumerate()
+        .for_each(|(bh, ((dq, dk), dvv))| {
+            let qb = &q[bh * t * dh..][..t * dh];
+            let kb = &k[bh * t * dh..][..t * dh];
+            let vb = &values[bh * t * dv..][..t * dv];
+            let ob = &dout[bh * t * dv..][..t * dv];
+            let lb = &lse[bh * t..][..t];
+            let mask_row = mask.map(|m| &m[(bh / dims.heads) * t..][..t]);
+            let wide = |x: &[R]| x.par_iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+            let (v64, o64) = (wide(vb), wide(ob));
+            let y64 = wide(&out[bh * t * dv..][..t * dv]);
+            let dsum: Vec<f64> = o64
+                .par_chunks(dv)
+                .zip(y64.par_chunks(dv))
+                .map(|(o, y)| dot(o, y))
+                .collect();
+            drop(y64);
+
+            // dk, dvalues: one task per key tile; S^T, P^T and dS^T are keys x queries.
+            dk.par_chunks_mut(CPU_KEY_TILE * dh)
+                .zip(dvv.par_chunks_mut(CPU_KEY_TILE * dv))
+                .enumerate()
+                .for_each(|(tile, (dk, dvv))| {
+                    let k0 = tile * CPU_KEY_TILE;
+                    let kn = dk.len() / dh;
+                    let (kt, vt) = (&kb[k0 * dh..][..kn * dh], &v64[k0 * dv..][..kn * dv]);
+                    let mut st = vec![zero; kn * CPU_QUERY_TILE];
+                    let mut pt = vec![zero; kn * CPU_QUERY_TILE];
+                    let mut dpt = vec![0.0f64; kn * CPU_QUERY_TILE];
+                    dk.iter_mut().for_each(|x| *x = zero);
+                    dvv.iter_mut().for_each(|x| *x = zero);
+                    for q0 in (0..t).step_by(CPU_QUERY_TILE) {
+                        let rows = CPU_QUERY_TILE.min(t - q0);
+                        let (qt, ot) = (&qb[q0 * dh..][..rows * dh], &ob[q0 * dv..][..rows * dv]);
+                        tile_gemm(
+                            (kn, rows, dh),
+                            kt,
+                            (dh, 1),
+                            qt,
+                            (1, dh),
+                            &mut st,
+                            rows,
+                            false,
+                        );
+                        let o64t = &o64[q0 * dv..][..rows * dv];
+                        tile_gemm(
+                            (kn, rows, dv),
+                            vt,
+                            (dv, 1),
+                            o64t,
+                            (1, dv),
+                            &mut dpt,
+                            rows,
+                            false,
+                        );
+                        for j in 0..kn {
+                            let ok = keep(mask_row, k0 + j);
+                            for i in 0..rows {
+                                let e = j * rows + i;
+                                let p = if ok {
+                                    R::exp_diff(scale * st[e], lb[q0 + i])
+                                } else {
+                                    zero
+                                };
+                                pt[e] = p;
+                                st[e] = p * R::of(dpt[e] - dsum[q0 + i]);
+                            }
+                        }
+                        // dvalues += P^T dout; dk += dS^T q.
+                        tile_gemm((kn, dv, rows), &pt, (rows, 1), ot, (dv, 1), dvv, dv, true);
+                        tile_gemm((kn, dh, rows), &st, (rows, 1), qt, (dh, 1), dk, dh, true);
+                    }
+                    dk.iter_mut().for_each(|x| *x = scale * *x);
+                });
+
+            // dq: one task per query tile; S, P and dS are queries x keys.
+            dq.par_chunks_mut(CPU_QUERY_TILE * dh)
+                .enumerate()
+                .for_each(|(tile, dq)| {
+                    let q0 = tile * CPU_QUERY_TILE;
+                    let rows = dq.len() / dh;
+                    let qt = &qb[q0 * dh..][..rows * dh];
+                    let o64t = &o64[q0 * dv..][..rows * dv];
+                    let mut s = vec![zero; rows * CPU_KEY_TILE];
+                    let mut dp = vec![0.0f64; rows * CPU_KEY_TILE];
+                    dq.iter_mut().for_each(|x| *x = zero);
+                    for k0 in (0..t).step_by(CPU_KEY_TILE) {
+                        let kn = CPU_KEY_TILE.min(t - k0);
+                        let (kt, vt) = (&kb[k0 * dh..][..kn * dh], &v64[k0 * dv..][..kn * dv]);
+                        tile_gemm((rows, kn, dh), qt, (dh, 1), kt, (1, dh), &mut s, kn, false);
+                        tile_gemm(
+                            (rows, kn, dv),
+                            o64t,
+                            (dv, 1),
+                            vt,
+                            (1, dv),
+                            &mut dp,
+                            kn,
+                            false,
+                        );
+                        for i in 0..rows {
+                            for j in 0..kn {
+                                let e = i * kn + j;
+                                s[e] = if keep(mask_row, k0 + j) {
+                                    let p = R::exp_diff(scale * s[e], lb[q0 + i]);
+                                    p * R::of(dp[e] - dsum[q0 + i])
+                                } else {
+                                    zero
+                                };
+                            }
+                        }
+                        // dq += dS k.
+                        tile_gemm((rows, dh, kn), &s, (kn, 1), kt, (dh, 1), dq, dh, true);
+                    }
+                    dq.iter_mut().for_each(|x| *x = scale * *x);
+                });
+        });
+}
+
+/// Forward (and, with `dout`, backward) of the materialised attention in f64:
+/// see [`eqsdpa_reference_host`].
+#[derive(Clone, Debug, Default)]
+pub struct EqsdpaReference {
+    /// `[BH, T, 4 dh]`.
+    pub out: Vec<f64>,
+    /// `[BH, T]`; +inf where every key is masked.
+    pub lse: Vec<f64>,
+    /// `[BH, T, dh]` (empty without `dout`).
+    pub dq: Vec<f64>,
+    /// `[BH, T, dh]` (empty without `dout`).
+    pub dk: Vec<f64>,
+    /// `[BH, T, 4 dh]` (empty without `dout`).
+    pub dvalues: Vec<f64>,
+}
+
+/// The tests' reference: plain materialised attention in f64, one (frame, head) at a time. The
+/// scores `S = scale q k^T` and probabilities `P = softmax(S)` (masked keys 0, a fully masked row
+/// all 0) are stored as T x T matrices; `out = P values`, `lse = ln sum exp S`. With `dout`, the
+/// textbook backward: `dvalues = P^T dout`, `dP = dout values^T`,
+/// `dS = P (dP - rowsum(P dP))`, `dq = scale dS k`, `dk = scale dS^T q`. Rows are spread over
+/// rayon (it is quadratic in T, and the tests run it at T = 4099).
+#[allow(clippy::too_many_arguments)] // the op's operands
+pub fn eqsdpa_reference_host(
+    q: &[f64],
+    k: &[f64],
+    values: &[f64],
+    mask: Option<&[u8]>,
+    dims: EqsdpaDims,
+    scale: f64,
+    dout: Option<&[f64]>,
+) -> EqsdpaReference {
+    let (bh_n, t, dh, dv) = (dims.bh, dims.t, dims.dh, dims.dv());
+    let mut r = EqsdpaReference {
+        out: vec![0.0; bh_n * t * dv],
+        lse: vec![0.0; bh_n * t],
+        ..Default::default()
+    };
+    if dout.is_some() {
+        r.dq = vec![0.0; bh_n * t * dh];
+        r.dk = vec![0.0; bh_n * t * dh];
+        r.dvalues = vec![0.0; bh_n * t * dv];
+    }
+    let plain_dot = |a: &[f64], b: &[f64]| dot(a, b);
+    // Row-major [n, n] to its transpose.
+    let transpose = |m: &[f64], n: usize| {
+        let mut tr = vec![0.0; n * n];
+        tr.par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(j, row)| {
+                for (i, x) in row.iter_mut().enumerate() {
+                    *x = m[i * n + j];
+                }
+            });
+        tr
+    };
+    for bh in 0..bh_n {
+        let qb = &q[bh * t * dh..][..t * dh];
+        let kb = &k[bh * t * dh..][..t * dh];
+        let vb = &values[bh * t * dv..][..t * dv];
+        let ok = |j: usize| mask.is_none_or(|m| m[(bh / dims.heads) * t + j] != 0);
+        let mut p = vec![0.0; t * t];
+        p.par_chunks_mut(t)
+            .zip(r.out[bh * t * dv..][..t * dv].par_chunks_mut(dv))
+            .zip(r.lse[bh * t..][..t].par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((p, out), lse))| {
+                let qi = &qb[i * dh..][..dh];
+                let s: Vec<f64> = (0..t)
+                    .map(|j| scale * plain_dot(qi, &kb[j * dh..][..dh]))
+                    .collect();
+                let m = (0..t)
+                    .filter(|&j| ok(j))
+                    .map(|j| s[j])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    *lse = f64::INFINITY;
+                    return;
+                }
+                let total: f64 = (0..t).filter(|&j| ok(j)).map(|j| (s[j] - m).exp()).sum();
+                *lse = m + total.ln();
+                for j in (0..t).filter(|&j| ok(j)) {
+                    p[j] = (s[j] - m).exp() / total;
+                }
+                for (j, &pj) in p.iter().enumerate() {
+                    for (o, &v) in out.iter_mut().zip(&vb[j * dv..][..dv]) {
+                        *o += pj * v;
+                    }
+                }
+            });
+        let Some(dout) = dout else { continue };
+        let ob = &dout[bh * t * dv..][..t * dv];
+        let mut ds = vec![0.0; t * t];
+        ds.par_chunks_mut(t).enumerate().for_each(|(i, ds)| {
+            let oi = &ob[i * dv..][..dv];
+            let pi = &p[i * t..][..t];
+            let dp: Vec<f64> = (0..t).map(|j| plain_dot(oi, &vb[j * dv..][..dv])).collect();
+            let rowdot = plain_dot(pi, &dp);
+            for j in 0..t {
+                ds[j] = pi[j] * (dp[j] - rowdot);
+            }
+        });
+        r.dq[bh * t * dh..][..t * dh]
+            .par_chunks_mut(dh)
+            .enumerate()
+            .for_each(|(i, dq)| {
+                for j in 0..t {
+                    for (x, &kv) in dq.iter_mut().zip(&kb[j * dh..][..dh]) {
+                        *x += scale * ds[i * t + j] * kv;
+                    }
+                }
+            });
+        let (pt, dst) = (transpose(&p, t), transpose(&ds, t));
+        r.dk[bh * t * dh..][..t * dh]
+            .par_chunks_mut(dh)
+            .zip(r.dvalues[bh * t * dv..][..t * dv].par_chunks_mut(dv))
+            .enumerate()
+            .for_each(|(j, (dk, dvv))| {
+                for i in 0..t {
+                    for (x, &qv) in dk.iter_mut().zip(&qb[i * dh..][..dh]) {
+                        *x += scale * dst[j * t + i] * qv;
+                    }
+                    for (x, &g) in dvv.iter_mut().zip(&ob[i * dv..][..dv]) {
+                        *x += pt[j * t + i] * g;
+                    }
+                }
+            });
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device entry points.
+
+/// Reads and checks the sizes: q and k `[.., T, dh]` of one shape, values `[.., T, 4 dh]` with as
+/// many rows, heads dividing BH, mask `[BH / heads, T]`.
+fn dims_of<T: Element>(
+    op: &str,
+    q: &Tensor<T>,
+    k: &Tensor<T>,
+    values: &Tensor<T>,
+    mask: Option<&Tensor<u8>>,
+    heads: usize,
+) -> Result<EqsdpaDims> {
+    let qs = q.shape();
+    ensure!(
+        qs.len() >= 2,
+        "{op}: q has shape {qs:?}, expected [.., T, dh]"
+    );
+    let (t, dh) = (qs[qs.len() - 2], qs[qs.len() - 1]);
+    ensure!(
+        matches!(dh, 16 | 32 | 64),
+        "{op}: head width dh = {dh} (q has shape {qs:?}); the kernels support dh = 16, 32 or 64"
+    );
+    ensure!(
+        k.shape() == qs,
+        "{op}: k has shape {:?}, expected q's {qs:?}",
+        k.shape()
+    );
+    let bh = if t == 0 { 0 } else { q.len() / (t * dh) };
+    let vs = values.shape();
+    ensure!(
+        vs.last() == Some(&(4 * dh)) && values.len() == bh * t * 4 * dh,
+        "{op}: values has shape {vs:?}, expected [.., {t}, {}] with {bh} x {t} rows to match q {qs:?}",
+        4 * dh
+    );
+    ensure!(
+        (1..=i32::MAX as usize).contains(&heads) && bh % heads == 0,
+        "{op}: {bh} (frame, head) pairs do not split into frames of {heads} heads"
+    );
+    ensure!(
+        t <= i32::MAX as usize && bh <= i32::MAX as usize,
+        "{op}: {bh} x {t} tokens exceed the kernels' 32-bit sizes"
+    );
+    if let Some(m) = mask {
+        ensure!(
+            m.len() == bh / heads * t,
+            "{op}: mask has shape {:?} ({} elements), expected [{}, {t}] (frames x tokens)",
+            m.shape(),
+            m.len(),
+            bh / heads
+        );
+    }
+    Ok(EqsdpaDims { bh, t, dh, heads })
+}
+
+fn expect_shape<T: Element>(
+    op: &str,
+    name: &str,
+    t: &Tensor<T>,
+    len: usize,
+    want: &str,
+) -> Result<()> {
+    ensure!(
+        t.len() == len,
+        "{op}: {name} has shape {:?} ({} elements), expected {want} ({len} elements)",
+        t.shape(),
+        t.len()
+    );
+    Ok(())
+}
+
+fn host<'a, T: Element>(op: &str, t: &'a Tensor<T>) -> Result<&'a [T]> {
+    t.host()
+        .with_context(|| format!("{op}: tensor not in host memory"))
+}
+
+fn host_mut<'a, T: Element>(op: &str, t: &'a mut Tensor<T>) -> Result<&'a mut [T]> {
+    t.host_mut()
+        .with_context(|| format!("{op}: tensor not in host memory"))
+}
+
+/// Blocks per launch at most: [`GRID_MAX`] unless a test lowered it.
+static MAX_BLOCKS: AtomicUsize = AtomicUsize::new(GRID_MAX);
+
+/// Caps the blocks of every later launch of these kernels at `n` (0 restores the default), so
+/// that a test can make each block loop over many (bh, tile) pairs. Results do not change: a
+/// tile's arithmetic does not depend on the block that runs it.
+#[doc(hidden)]
+pub fn set_max_blocks(n: usize) {
+    MAX_BLOCKS.store(
+        if n == 0 { GRID_MAX } else { n.min(GRID_MAX) },
+        Ordering::Relaxed,
+    );
+}
+
+/// A 1-D grid-stride launch over `tiles` (bh, tile) pairs.
+fn tile_launch(tiles: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid: [
+            tiles.clamp(1, MAX_BLOCKS.load(Ordering::Relaxed)) as u32,
+            1,
+            1,
+        ],
+        block: [threads, 1, 1],
+        shared_bytes: 0,
+    }
+}
+
+/// Appends the mask pointer (null: no mask) to the argument list.
+fn with_mask(args: KernelArgs, mask: Option<&Tensor<u8>>) -> KernelArgs {
+    match mask {
+        Some(m) => args.input(m),
+        None => args.i64(0),
+    }
+}
+
+/// Fused attention forward: `out = softmax(scale q k^T, masked) values` and `lse`, per (frame,
+/// head), without storing the T x T matrix (layout in the module docs; `scale` is normally
+/// 1/sqrt(dh)). `q`, `k`: `[BH, T, dh]` with dh in {16, 32, 64}; `values`, `out`:
+/// `[BH, T, 4 dh]`; `lse`: `[BH, T]`; `mask`: `[BH / heads, T]`, 0 = padding key. A query whose
+/// keys are all masked gets out = 0 and lse = +inf. Assigns `out` and `lse`.
+#[allow(clippy::too_many_arguments)] // the op's operands
+pub fn eqsdpa_forward(
+    q: &Tensor<f32>,
+    k: &Tensor<f32>,
+    values: &Tensor<f32>,
+    mask: Option<&Tensor<u8>>,
+    heads: usize,
+    scale: f32,
+    out: &mut Tensor<f32>,
+    lse: &mut Tensor<f32>,
+) -> Result<()> {
+    let op = "eqsdpa_forward";
+    let mut others = vec![k.device(), values.device(), out.device(), lse.device()];
+    if let Some(m) = mask {
+        others.push(m.device());
+    }
+    let dev = same_device(op, q.device(), &others)?.clone();
+    let d = dims_of(op, q, k, values, mask, heads)?;
+    expect_shape(op, "out", out, values.len(), "values' shape")?;
+    expect_shape(op, "lse", lse, d.bh * d.t, "[BH, T]")?;
+    if d.bh * d.t == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            eqsdpa_forward_host(
+                host(op, q)?,
+                host(op, k)?,
+                host(op, values)?,
+                match mask {
+                    Some(m) => Some(host(op, m)?),
+                    None => None,
+                },
+                d,
+                scale,
+                host_mut(op, out)?,
+                host_mut(op, lse)?,
+            );
+            Ok(())
+        }
+        _ => {
+            let i = dh_index(d.dh);
+            let (bq, threads) = FWD_F32[i];
+            let args = with_mask(KernelArgs::new().input(q).input(k).input(values), mask)
+                .output(out)
+                .output(lse)
+                .i32(d.bh as i32)
+                .i32(d.t as i32)
+                .i32(heads as i32)
+                .f32(scale);
+            launch(
+                &dev,
+                FWD_F32_KERNELS[i],
+                tile_launch(d.bh * d.t.div_ceil(bq), threads),
+                args,
+            )
+        }
+    }
+}
+
+/// Backward of [`eqsdpa_forward`] (FlashAttention-2) from `out`, `lse` and `dout`
+/// (`[BH, T, 4 dh]`): recomputing `P = exp(scale q k^T - lse)`, `dvalues = P^T dout`,
+/// `dS = P (dout values^T - D)` with `D = rowsum(dout * out)` (summed as
+/// `dout_i . (values_j - out_i)`), `dk = scale dS^T q`, `dq = scale dS k`.
+/// Assigns `dq`, `dk` (shaped as q) and `dvalues` (shaped as values): activation gradients.
+///
+/// `deterministic` asks for the two-pass structure without float atomics (dk/dvalues parallel
+/// over key tiles, dq parallel over query tiles), bitwise reproducible. It is the only mode
+/// implemented: `false` runs the same kernels (an atomic-dq variant, which might be faster on a
+/// GPU, could not be measured here and is not written).
+#[allow(clippy::too_many_arguments)] // the op's operands and gradients
+pub fn eqsdpa_backward(
+    q: &Tensor<f32>,
+    k: &Tensor<f32>,
+    values: &Tensor<f32>,
+    out: &Tensor<f32>,
+    lse: &Tensor<f32>,
+    dout: &Tensor<f32>,
+    mask: Option<&Tensor<u8>>,
+    heads: usize,
+    scale: f32,
+    dq: &mut Tensor<f32>,
+    dk: &mut Tensor<f32>,
+    dvalues: &mut Tensor<f32>,
+    deterministic: bool,
+) -> Result<()> {
+    let op = "eqsdpa_backward";
+    let _ = deterministic;
+    let mut others = vec![
+        k.device(),
+        values.device(),
+        out.device(),
+        lse.device(),
+        dout.device(),
+        dq.device(),
+        dk.device(),
+        dvalues.device(),
+    ];
+    if let Some(m) = mask {
+        others.push(m.device());
+    }
+    let dev = same_device(op, q.device(), &others)?.clone();
+    let d = dims_of(op, q, k, values, mask, heads)?;
+    expect_shape(op, "out", out, values.len(), "values' shape")?;
+    expect_shape(op, "dout", dout, values.len(), "values' shape")?;
+    expect_shape(op, "lse", lse, d.bh * d.t, "[BH, T]")?;
+    expect_shape(op, "dq", dq, q.len(), "q's shape")?;
+    expect_shape(op, "dk", dk, q.len(), "k's shape")?;
+    expect_shape(op, "dvalues", dvalues, values.len(), "values' shape")?;
+    if d.bh * d.t == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            eqsdpa_backward_host(
+                host(op, q)?,
+                host(op, k)?,
+                host(op, values)?,
+                host(op, out)?,
+                host(op, lse)?,
+                host(op, dout)?,
+                match mask {
+                    Some(m) => Some(host(op, m)?),
+                    None => None,
+                },
+                d,
+                scale,
+                host_mut(op, dq)?,
+                host_mut(op, dk)?,
+                host_mut(op, dvalues)?,
+            );
+            Ok(())
+        }
+        _ => {
+            let i = dh_index(d.dh);
+            let (bk, threads) = DKDV_F32[i];
+            let args = with_mask(KernelArgs::new().input(q).input(k).input(values), mask)
+                .input(out)
+                .input(lse)
+                .input(dout)
+                .output(dk)
+                .output(dvalues)
+                .i32(d.bh as i32)
+                .i32(d.t as i32)
+                .i32(heads as i32)
+                .f32(scale);
+            launch(
+                &dev,
+                DKDV_F32_KERNELS[i],
+                tile_launch(d.bh * d.t.div_ceil(bk), threads),
+                args,
+            )
+            .context("eqsdpa_backward: dk, dvalues")?;
+            let (bq, threads) = DQ_F32[i];
+            let args = with_mask(KernelArgs::new().input(q).input(k).input(values), mask)
+                .input(out)
+                .input(lse)
+                .input(dout)
+                .output(dq)
+                .i32(d.bh as i32)
+                .i32(d.t as i32)
+                .i32(heads as i32)
+                .f32(scale);
+            launch(
+                &dev,
+                DQ_F32_KERNELS[i],
+                tile_launch(d.bh * d.t.div_ceil(bq), threads),
+                args,
+            )
+            .context("eqsdpa_backward: dq")
+        }
+    }
+}
+
+/// As [`eqsdpa_forward`] with bf16 or f16 `q`, `k` and `values`, on the tensor cores: scores and
+/// `P values` are products of 16-bit operands accumulated in f32, P is rounded to the input type
+/// before it multiplies the values (as in FlashAttention-2), the softmax and its statistics are
+/// f32, and `out` and `lse` are f32. On the cpu device the operands are widened to f32 (exactly)
+/// and the f32 twin runs, so P is not rounded there. Forward only: there is no 16-bit backward.
+/// Assigns `out` and `lse`.
+#[allow(clippy::too_many_arguments)] // the op's operands
+pub fn eqsdpa_forward_half<T: HalfFloat>(
+    q: &Tensor<T>,
+    k: &Tensor<T>,
+    values: &Tensor<T>,
+    mask: Option<&Tensor<u8>>,
+    heads: usize,
+    scale: f32,
+    out: &mut Tensor<f32>,
+    lse: &mut Tensor<f32>,
+) -> Result<()> {
+    let op = "eqsdpa_forward_half";
+    let mut others = vec![k.device(), values.device(), out.device(), lse.device()];
+    if let Some(m) = mask {
+        others.push(m.device());
+    }
+    let dev = same_device(op, q.device(), &others)?.clone();
+    let d = dims_of(op, q, k, values, mask, heads)?;
+    expect_shape(op, "out", out, values.len(), "values' shape")?;
+    expect_shape(op, "lse", lse, d.bh * d.t, "[BH, T]")?;
+    if d.bh * d.t == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            let widen = |t: &Tensor<T>| -> Result<Vec<f32>> {
+                Ok(host(op, t)?.par_iter().map(|v| v.to_f32()).collect())
+            };
+            let (qw, kw, vw) = (widen(q)?, widen(k)?, widen(values)?);
+            eqsdpa_forward_host(
+                &qw,
+                &kw,
+                &vw,
+                match mask {
+                    Some(m) => Some(host(op, m)?),
+                    None => None,
+                },
+                d,
+                scale,
+                host_mut(op, out)?,
+                host_mut(op, lse)?,
+            );
+            Ok(())
+        }
+        _ => {
+            let kernels = match T::DTYPE {
+                DType::BF16 => &FWD_BF16_KERNELS,
+                _ => &FWD_F16_KERNELS,
+            };
+            let (bq, threads) = FWD_MMA;
+            let args = with_mask(KernelArgs::new().input(q).input(k).input(values), mask)
+                .output(out)
+                .output(lse)
+                .i32(d.bh as i32)
+                .i32(d.t as i32)
+                .i32(heads as i32)
+                .f32(scale);
+            launch(
+                &dev,
+                kernels[dh_index(d.dh)],
+                tile_launch(d.bh * d.t.div_ceil(bq), threads),
+                args,
+            )
+        }
+    }
+}
