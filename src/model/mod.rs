@@ -2,4 +2,6 @@
 
 pub mod token;
 
-pub use token::{token_labels, AttentionMap, Pooling, TokenBatch, TokenModel, TokenModelConfig, TokenOutput};
+pub use token::{
+    token_labels, AttentionMap, Pooling, TokenBatch, TokenModel, TokenModelConfig, TokenOutput,
+};
