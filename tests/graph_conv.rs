@@ -819,7 +819,7 @@ device_test!(aggregate_shape_errors_name_the_operand, |dev| {
     )?;
     expect(
         graph_aggregate_forward(&dg, &t(&[n * h])?, None, &mut t(&[n * h])?),
-        "x has shape [12], expected [N, H] or [N, C, H]",
+        "x has shape [12], expected [N, H], [N, C, H] or [B, T, C, H]",
     )?;
     expect(
         graph_aggregate_forward(&dg, &x, None, &mut t(&[n, h])?),
