@@ -11,6 +11,7 @@ pub mod atoms;
 pub mod equivariant;
 pub mod graph;
 pub mod layers;
+pub mod painn;
 pub mod tokens;
 
 use crate::ops::gemm::{self, Batch};

@@ -9,6 +9,8 @@ pub mod equivariant;
 pub mod gemm;
 pub mod gemm_cublas;
 pub mod graph_conv;
+pub mod neighbor_list;
+pub mod painn;
 pub mod reduce;
 pub mod scatter;
 pub mod softmax;
