@@ -439,6 +439,7 @@ impl TokenModel {
         frames: Option<&[usize]>,
     ) -> Result<Vec<AttentionMap>> {
         let dev = tape.device().clone();
+        let mask_all = out.mask.as_ref().map(|m| m.to_vec()).transpose()?;
         let mut maps = Vec::with_capacity(out.attention.len());
         for (block, rec) in out.attention.iter().enumerate() {
             let &[b, nh, t, dh] = tape.shape(rec.q) else {
@@ -452,7 +453,6 @@ impl TokenModel {
             ensure!(!frames.is_empty(), "attention maps: no frame chosen");
             let q_all = tape.value(rec.q).to_vec()?;
             let k_all = tape.value(rec.k).to_vec()?;
-            let mask_all = out.mask.as_ref().map(|m| m.to_vec()).transpose()?;
             let mut acc = vec![0.0f64; nh * t * t];
             for &f in frames {
                 ensure!(f < b, "attention maps: frame {f} is not in a batch of {b}");

@@ -128,6 +128,29 @@ pub fn vector_norm(tape: &mut Tape, v: Var, eps: f32) -> Result<Var> {
     })
 }
 
+/// `<a, b>` over xyz per channel: `[.., 3, H] x [.., 3, H] -> [.., H]` (a rotation invariant).
+pub fn vector_dot(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
+    let s = tape.shape(a).to_vec();
+    ensure!(
+        s.len() >= 2 && s[s.len() - 2] == 3 && tape.shape(b) == s.as_slice(),
+        "vector_dot: {s:?} and {:?} are not two [.., 3, H]",
+        tape.shape(b)
+    );
+    let mut shape = s[..s.len() - 2].to_vec();
+    shape.push(s[s.len() - 1]);
+    let mut y = tape.alloc(&shape)?;
+    eq::vector_dot_forward(tape.value(a), tape.value(b), &mut y)?;
+    let needs = tape.any_needs(&[a, b], &[]);
+    tape.record1("vector_dot", y, needs, move |ctx, dy| {
+        let vals = ctx.vals;
+        let mut da = ctx.scratch(vals[a.0].shape())?;
+        let mut db = ctx.scratch(vals[b.0].shape())?;
+        eq::vector_dot_backward(&vals[a.0], &vals[b.0], dy, &mut da, &mut db)?;
+        ctx.give_grad(a, da)?;
+        ctx.give_grad(b, db)
+    })
+}
+
 /// sum_xyz a * b of the two halves of `ab [.., 3, 2H]` (one projection W = [W1; W2] applied per
 /// xyz row): `[.., H]`.
 pub fn vector_dot_split(tape: &mut Tape, ab: Var) -> Result<Var> {

@@ -23,7 +23,7 @@ use super::equivariant as eqn;
 use super::layers::Linear;
 use crate::device::Device;
 use crate::ops::elementwise as ew;
-use crate::ops::equivariant::{self as eq, VECTOR_NORM_EPS};
+use crate::ops::equivariant::VECTOR_NORM_EPS;
 use crate::ops::neighbor_list::NeighborList;
 use crate::ops::painn::{self as pn, RadialBasis, RbfKind, MAX_HIDDEN, MAX_RBF};
 use crate::ops::scatter::DeviceEmbeddingIndex;
@@ -189,29 +189,6 @@ pub fn split3(tape: &mut Tape, x: Var) -> Result<(Var, Var, Var)> {
     Ok((out[0], out[1], out[2]))
 }
 
-/// `<a, b>` over xyz per channel: `[.., 3, H] x [.., 3, H] -> [.., H]` (a rotation invariant).
-pub fn vector_dot(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
-    let s = tape.shape(a).to_vec();
-    ensure!(
-        s.len() >= 2 && s[s.len() - 2] == 3 && tape.shape(b) == s.as_slice(),
-        "vector_dot: {s:?} and {:?} are not two [.., 3, H]",
-        tape.shape(b)
-    );
-    let mut shape = s[..s.len() - 2].to_vec();
-    shape.push(s[s.len() - 1]);
-    let mut y = tape.alloc(&shape)?;
-    eq::vector_dot_forward(tape.value(a), tape.value(b), &mut y)?;
-    let needs = tape.any_needs(&[a, b], &[]);
-    tape.record1("vector_dot", y, needs, move |ctx, dy| {
-        let vals = ctx.vals;
-        let mut da = ctx.scratch(vals[a.0].shape())?;
-        let mut db = ctx.scratch(vals[b.0].shape())?;
-        eq::vector_dot_backward(&vals[a.0], &vals[b.0], dy, &mut da, &mut db)?;
-        ctx.give_grad(a, da)?;
-        ctx.give_grad(b, db)
-    })
-}
-
 /// A copy of `x` under another shape with as many elements (a reshape whose producer's backward
 /// still sees its own shape).
 fn reshape_copy(tape: &mut Tape, x: Var, shape: &[usize]) -> Result<Var> {
@@ -300,7 +277,7 @@ impl PainnUpdate {
         let (a_vv, a_sv, a_ss) = split3(tape, a)?;
         let gated = eqn::vector_gate(tape, a_vv, uv)?;
         let v = super::add(tape, v, gated)?;
-        let dot = vector_dot(tape, uv, vv)?;
+        let dot = eqn::vector_dot(tape, uv, vv)?;
         let t = eqn::vector_gate(tape, a_sv, dot)?;
         let s = super::add(tape, s, t)?;
         let s = super::add(tape, s, a_ss)?;
