@@ -12,7 +12,7 @@
 //                           +inf for a query whose keys are all masked (its out row is 0), so that
 //                           the backward's P = exp(s - lse) is exactly 0 there (never NaN)
 //
-// f32 kernels (CUDA cores, f32 math, no TF32), templated on dh in {16, 32, 64}:
+// f32 kernels (CUDA cores, f32 math, no TF32), templated on dh in {8, 16, 32, 64}:
 //   eqsdpa_forward_f32_dh*    one block per (bh, query tile), streaming key/value tiles through
 //                             shared memory with the online softmax (running max m and sum l per
 //                             query row, rescaling the output accumulator by exp(m_old - m_new)).
@@ -35,12 +35,18 @@
 // Tiles (queries x keys per step; shared memory is static, at most ~44 KB per block so that it
 // fits the 48 KB every GPU allows without opting in):
 //   dh   forward           dk/dv kernel                      dq kernel
+//   8    64 x 64, 128 thr  64 keys, 32-query steps, 128 thr  64 queries, 32-key steps, 128 thr
 //   16   64 x 64, 128 thr  32 keys, 32-query steps, 128 thr  32 queries, 32-key steps, 128 thr
 //   32   64 x 32, 128 thr  32 keys, 16-query steps, 128 thr  16 queries, 32-key steps, 128 thr
 //   64   64 x 16, 256 thr  16 keys, 8-query steps, 128 thr   8 queries, 16-key steps, 128 thr
 // The value tile is the wide one (4 dh = 256 floats per key at dh = 64), which is what bounds the
-// key tile. Shared rows are padded by one float: every access pattern below then reads distinct
-// banks (or broadcasts), row strides being odd.
+// key tile. At dh = 8 a key or query row is small (8 + 32 floats), so the backward's resident
+// tile (keys of the dk/dv kernel, queries of the dq kernel) doubles to 64: each block then
+// streams the other side's rows through shared memory half as often (and the atomic variant
+// issues half as many dq atomics); the forward keeps dh = 16's 64 x 64 (a 128-key tile would
+// need 58 KB, its 64 x 128 score tile being the larger part). Shared rows are padded by one
+// float: every access pattern below then reads distinct banks (or broadcasts), row strides being
+// odd.
 //
 // Ragged T: rows of a tile past T load as zeros (keys are also flagged as masked, queries get
 // lse = +inf, so they contribute exactly nothing) and are never stored. Masked keys are
@@ -52,7 +58,8 @@
 // Nothing here has been timed on a GPU (none was available when it was written): the tiles are
 // chosen for correctness, 48 KB of shared memory and 0 spills (ptx/RESOURCES.md), not tuned.
 //
-// The bf16 / f16 forward (eqsdpa_forward_{bf16,f16}_dh*) and backward are described further down.
+// The bf16 / f16 forward (eqsdpa_forward_{bf16,f16}_dh*) and backward are described further down;
+// they take dh = 16, 32 or 64 only (the tensor cores' k step is 16), dh = 8 is f32 only.
 //
 // Helper names carry an eqsdpa_ prefix: on emu every .cu file is linked into one library, where
 // two inline functions or types of the same name would silently be merged.
@@ -154,6 +161,7 @@ struct EqsdpaFwdCfg {
     static_assert(kSmemFloats * 4 <= 48 * 1024, "static shared memory above 48 KB");
 };
 
+using EqsdpaFwd8 = EqsdpaFwdCfg<8, 64, 64, 128>;
 using EqsdpaFwd16 = EqsdpaFwdCfg<16, 64, 64, 128>;
 using EqsdpaFwd32 = EqsdpaFwdCfg<32, 64, 32, 128>;
 using EqsdpaFwd64 = EqsdpaFwdCfg<64, 64, 16, 256>;
@@ -308,13 +316,16 @@ __device__ __forceinline__ void eqsdpa_forward_f32(const float* __restrict__ q, 
         eqsdpa_forward_f32<EqsdpaFwd##dh>(q, k, v, mask, out, lse, bh_count, t, heads, scale);                     \
     }
 
-/// out = softmax(scale q k^T, masked) values and lse, dh = 16.
+/// out = softmax(scale q k^T, masked) values and lse, dh = 8.
+HIERMD_EQSDPA_FORWARD_F32(8)
+HIERMD_EXPORT_KERNEL(eqsdpa_forward_f32_dh8)
+/// As eqsdpa_forward_f32_dh8, dh = 16.
 HIERMD_EQSDPA_FORWARD_F32(16)
 HIERMD_EXPORT_KERNEL(eqsdpa_forward_f32_dh16)
-/// As eqsdpa_forward_f32_dh16, dh = 32.
+/// As eqsdpa_forward_f32_dh8, dh = 32.
 HIERMD_EQSDPA_FORWARD_F32(32)
 HIERMD_EXPORT_KERNEL(eqsdpa_forward_f32_dh32)
-/// As eqsdpa_forward_f32_dh16, dh = 64.
+/// As eqsdpa_forward_f32_dh8, dh = 64.
 HIERMD_EQSDPA_FORWARD_F32(64)
 HIERMD_EXPORT_KERNEL(eqsdpa_forward_f32_dh64)
 
@@ -448,6 +459,7 @@ struct EqsdpaDkvCfg {
     static_assert(kSmemFloats * 4 <= 48 * 1024, "static shared memory above 48 KB");
 };
 
+using EqsdpaDkv8 = EqsdpaDkvCfg<8, 64, 32, 128>;
 using EqsdpaDkv16 = EqsdpaDkvCfg<16, 32, 32, 128>;
 using EqsdpaDkv32 = EqsdpaDkvCfg<32, 32, 16, 128>;
 using EqsdpaDkv64 = EqsdpaDkvCfg<64, 16, 8, 128>;
@@ -538,9 +550,9 @@ __device__ __forceinline__ void eqsdpa_backward_dkdv_f32(const float* __restrict
             }
             if constexpr (kAtomicDq) {
                 // dq (zeroed by the caller) += scale dS k over this block's keys: one float atomic
-                // per (query, column) and key tile. Threads of a warp share the query (a broadcast
-                // read of sdS) and read consecutive columns of sK. The next step's first barrier
-                // keeps sdS alive until everyone is done.
+                // per (query, column) and key tile. A warp covers 32 / dh queries (4 at dh = 8, half
+                // of one at dh = 64), reading each one's sdS by broadcast and consecutive columns of
+                // sK. The next step's first barrier keeps sdS alive until everyone is done.
                 for (int i = tid; i < kBq * kDh; i += kThreads) {
                     const int r = i / kDh, c = i % kDh;
                     if (q0 + r >= t) continue;
@@ -587,6 +599,7 @@ struct EqsdpaDqCfg {
     static_assert(kSmemFloats * 4 <= 48 * 1024, "static shared memory above 48 KB");
 };
 
+using EqsdpaDq8 = EqsdpaDqCfg<8, 64, 32, 128>;
 using EqsdpaDq16 = EqsdpaDqCfg<16, 32, 32, 128>;
 using EqsdpaDq32 = EqsdpaDqCfg<32, 16, 32, 128>;
 using EqsdpaDq64 = EqsdpaDqCfg<64, 8, 16, 128>;
@@ -695,8 +708,12 @@ __device__ __forceinline__ void eqsdpa_backward_dq_f32(const float* __restrict__
         eqsdpa_backward_dq_f32<EqsdpaDq##dh>(q, k, v, mask, out, lse, dout, dq, bh_count, t, heads, scale);         \
     }
 
-/// dk and dvalues (assigned), and dq (assigned), for dh = 16, 32, 64; the atomic variant
+/// dk and dvalues (assigned), and dq (assigned), for dh = 8, 16, 32, 64; the atomic variant
 /// (eqsdpa_backward_atomic_f32_dh*) assigns dk and dvalues and adds into dq, which the caller zeroes.
+HIERMD_EQSDPA_BACKWARD_F32(8)
+HIERMD_EXPORT_KERNEL(eqsdpa_backward_dkdv_f32_dh8)
+HIERMD_EXPORT_KERNEL(eqsdpa_backward_dq_f32_dh8)
+HIERMD_EXPORT_KERNEL(eqsdpa_backward_atomic_f32_dh8)
 HIERMD_EQSDPA_BACKWARD_F32(16)
 HIERMD_EXPORT_KERNEL(eqsdpa_backward_dkdv_f32_dh16)
 HIERMD_EXPORT_KERNEL(eqsdpa_backward_dq_f32_dh16)

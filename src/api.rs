@@ -928,7 +928,7 @@ pub mod kernels {
     }
 
     /// Fused equivariant attention with the usual scale `1/sqrt(dh)`: `(out, lse)` for `q`, `k`
-    /// `[BH, T, dh]` (dh 16, 32 or 64), `values` `[BH, T, 4 dh]`, `mask` `[BH / heads, T]` (0 =
+    /// `[BH, T, dh]` (dh 8, 16, 32 or 64), `values` `[BH, T, 4 dh]`, `mask` `[BH / heads, T]` (0 =
     /// padding key). See [`eqsdpa_forward`].
     ///
     /// ```

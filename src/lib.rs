@@ -14,6 +14,7 @@
 pub mod analysis;
 pub mod api;
 pub mod arena;
+pub mod bench;
 pub mod capi;
 pub mod demo;
 pub mod device;

@@ -49,6 +49,9 @@ enum Command {
     Featurize(hiermd::workflow::atoms::FeaturizeArgs),
     /// Denoising pretraining of the atom stage on a dataset's own trajectories.
     Pretrain(hiermd::workflow::atoms::PretrainArgs),
+    /// Benchmarks: each kernel, training steps, attention, the scaling curves, and the fixtures
+    /// of the cross-check with the PyTorch peer (benches/README.md).
+    Bench(hiermd::bench::BenchArgs),
     /// Import a topology and trajectories into a memory-mapped dataset folder.
     Import {
         /// Topology: PDB, GRO or PSF.
@@ -126,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
             let dev = Device::open(cli.device)?;
             hiermd::demo::run(&dev, size)
         }
+        Command::Bench(args) => hiermd::bench::run(&args, &Device::open(cli.device)?),
         Command::Demo(args) => hiermd::workflow::demo::run(&args, &Device::open(cli.device)?),
         Command::Train(args) => hiermd::workflow::cli::train(&args, cli.device),
         Command::Analyze(args) => hiermd::workflow::cli::analyze(&args, &Device::open(cli.device)?),

@@ -15,6 +15,11 @@
 //! per row, not their normalised output). Gradients are released as soon as their producer's
 //! backward has run.
 //!
+//! Segments recorded with [`Tape::checkpoint`] keep only their inputs and outputs: the backward
+//! pass runs the segment's forward again on a nested tape (same parameters, same pool, same
+//! dropout seeds) and back-propagates through that, so a transformer block's activations live
+//! one block at a time instead of all blocks at once.
+//!
 //! A value gets a gradient only if it depends on a trainable parameter or on an input marked
 //! with [`Tape::input_with_grad`]; frozen parameters ([`ParamStore::freeze`]) get none.
 
@@ -426,10 +431,28 @@ impl Ctx<'_> {
 
 type BackwardFn = Box<dyn FnOnce(&mut Ctx<'_>, &[&Tensor<f32>]) -> Result<()>>;
 
+/// The forward of a recomputed segment: inputs on a nested tape in, outputs out.
+type SegmentFn = Box<dyn Fn(&mut Tape, &[Var]) -> Result<Vec<Var>>>;
+
+/// How a node back-propagates.
+enum Backward {
+    /// A closure over the values it saved.
+    Closure(BackwardFn),
+    /// A checkpointed segment: recompute from its inputs, then back-propagate through it.
+    Segment {
+        inputs: Vec<Var>,
+        forward: SegmentFn,
+        /// The dropout stream position at the segment's start (the recomputation draws the
+        /// same masks).
+        step: u64,
+        dropout_calls: u64,
+    },
+}
+
 struct Node {
     op: &'static str,
     outputs: Vec<Var>,
-    backward: BackwardFn,
+    backward: Backward,
 }
 
 /// A tape of forward records, the values they produced, and the parameters they read.
@@ -631,10 +654,28 @@ impl Tape {
             self.nodes.push(Node {
                 op,
                 outputs: vars.clone(),
-                backward: Box::new(backward),
+                backward: Backward::Closure(Box::new(backward)),
             });
         }
         Ok(vars)
+    }
+
+    /// Bytes of the values the tape holds, by the op that recorded them (inputs and values of
+    /// ops that need no gradient under "(untracked)"), largest first: where a step's memory goes.
+    pub fn bytes_by_op(&self) -> Vec<(&'static str, usize)> {
+        let mut owner: Vec<&'static str> = vec!["(untracked)"; self.vals.len()];
+        for n in &self.nodes {
+            for v in &n.outputs {
+                owner[v.0] = n.op;
+            }
+        }
+        let mut by: std::collections::BTreeMap<&'static str, usize> = Default::default();
+        for (v, op) in self.vals.iter().zip(owner) {
+            *by.entry(op).or_default() += v.bytes();
+        }
+        let mut out: Vec<_> = by.into_iter().collect();
+        out.sort_by_key(|b| std::cmp::Reverse(b.1));
+        out
     }
 
     /// Records an op with one output.
@@ -666,6 +707,11 @@ impl Tape {
             bail!("backward: the output depends on no trainable parameter or gradient input");
         }
         self.grads[output.0] = Some(seed);
+        self.run_backward()
+    }
+
+    /// Replays the records in reverse from the gradients already set.
+    fn run_backward(&mut self) -> Result<()> {
         let nodes = std::mem::take(&mut self.nodes);
         for node in nodes.into_iter().rev() {
             if node.outputs.iter().all(|v| self.grads[v.0].is_none()) {
@@ -684,20 +730,197 @@ impl Tape {
                 };
                 dys.push(g);
             }
-            let refs: Vec<&Tensor<f32>> = dys.iter().collect();
-            let mut ctx = Ctx {
-                vals: &self.vals,
-                params: &self.params.values,
-                pgrads: &mut self.params.grads,
-                frozen: &self.params.frozen,
-                grads: &mut self.grads,
-                needs: &self.needs,
-                pool: &mut self.pool,
-                device: &self.device,
-            };
-            (node.backward)(&mut ctx, &refs).with_context(|| format!("backward of {}", node.op))?;
-            for g in dys {
+            match node.backward {
+                Backward::Closure(backward) => {
+                    let refs: Vec<&Tensor<f32>> = dys.iter().collect();
+                    let mut ctx = Ctx {
+                        vals: &self.vals,
+                        params: &self.params.values,
+                        pgrads: &mut self.params.grads,
+                        frozen: &self.params.frozen,
+                        grads: &mut self.grads,
+                        needs: &self.needs,
+                        pool: &mut self.pool,
+                        device: &self.device,
+                    };
+                    backward(&mut ctx, &refs)
+                        .with_context(|| format!("backward of {}", node.op))?;
+                    for g in dys {
+                        self.pool.give(g);
+                    }
+                }
+                Backward::Segment {
+                    inputs,
+                    forward,
+                    step,
+                    dropout_calls,
+                } => self
+                    .segment_backward(&inputs, &forward, step, dropout_calls, dys)
+                    .with_context(|| format!("backward of checkpointed {}", node.op))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A nested tape that borrows this one's parameters and pool (give them back with
+    /// [`Tape::restore`]), positioned at the given dropout stream.
+    fn nested(&mut self, step: u64, dropout_calls: u64) -> Tape {
+        let empty = ParamStore::new(&self.device, 0);
+        Tape {
+            device: self.device.clone(),
+            params: std::mem::replace(&mut self.params, empty),
+            vals: Vec::new(),
+            needs: Vec::new(),
+            grads: Vec::new(),
+            nodes: Vec::new(),
+            pool: std::mem::take(&mut self.pool),
+            training: self.training,
+            seed: self.seed,
+            step,
+            dropout_calls,
+        }
+    }
+
+    /// Takes back the parameters (with any gradient the nested tape added) and the pool.
+    fn restore(&mut self, mut nested: Tape) {
+        for t in nested.vals.drain(..) {
+            nested.pool.give(t);
+        }
+        for t in nested.grads.drain(..).flatten() {
+            nested.pool.give(t);
+        }
+        nested.nodes.clear();
+        self.params = nested.params;
+        self.pool = nested.pool;
+    }
+
+    /// Pool copies (device to device) of the values `vars`.
+    fn copy_values(&mut self, vars: &[Var]) -> Result<Vec<Tensor<f32>>> {
+        vars.iter()
+            .map(|v| {
+                let src = &self.vals[v.0];
+                let mut c = self.pool.take(&self.device, src.shape())?;
+                elementwise::scale(1.0, src, &mut c)?;
+                Ok(c)
+            })
+            .collect()
+    }
+
+    /// Records `forward` as one recomputed segment (activation checkpointing): it runs now on a
+    /// nested tape, only its outputs are kept, and [`Tape::backward`] runs it again from copies
+    /// of `inputs` to back-propagate through it. `forward` must be a pure function of its
+    /// inputs and the parameters (dropout is: the recomputation is put at the same position of
+    /// the dropout stream, so it draws the same masks). Memory: the segment's intermediate
+    /// values exist only while it runs, once in the forward pass and once in the backward.
+    /// Without anything to differentiate (no trainable parameter, no input needing a gradient)
+    /// `forward` simply runs on this tape.
+    pub fn checkpoint(
+        &mut self,
+        op: &'static str,
+        inputs: &[Var],
+        forward: impl Fn(&mut Tape, &[Var]) -> Result<Vec<Var>> + 'static,
+    ) -> Result<Vec<Var>> {
+        let needs = inputs.iter().any(|v| self.needs[v.0]) || self.params.frozen.iter().any(|f| !f);
+        if !needs {
+            return forward(self, inputs);
+        }
+        let (step, dropout_calls) = (self.step, self.dropout_calls);
+        let copies = self.copy_values(inputs)?;
+        let mut sub = self.nested(step, dropout_calls);
+        let result = (|| -> Result<Vec<Tensor<f32>>> {
+            let xs = copies
+                .into_iter()
+                .map(|t| sub.input(t))
+                .collect::<Result<Vec<_>>>()?;
+            let outs = forward(&mut sub, &xs)?;
+            sub.copy_values(&outs)
+        })();
+        self.dropout_calls = sub.dropout_calls;
+        self.restore(sub);
+        let outs = result.with_context(|| format!("checkpointed {op}"))?;
+        let vars: Vec<Var> = outs
+            .into_iter()
+            .map(|t| self.push(t, true))
+            .collect::<Result<_>>()?;
+        self.nodes.push(Node {
+            op,
+            outputs: vars.clone(),
+            backward: Backward::Segment {
+                inputs: inputs.to_vec(),
+                forward: Box::new(forward),
+                step,
+                dropout_calls,
+            },
+        });
+        Ok(vars)
+    }
+
+    /// The backward of a checkpointed segment: recompute it on a nested tape from copies of its
+    /// inputs, back-propagate the output gradients `dys` through it, and hand the inputs'
+    /// gradients to this tape (parameter gradients accumulate in the shared store).
+    fn segment_backward(
+        &mut self,
+        inputs: &[Var],
+        forward: &SegmentFn,
+        step: u64,
+        dropout_calls: u64,
+        dys: Vec<Tensor<f32>>,
+    ) -> Result<()> {
+        let copies = self.copy_values(inputs)?;
+        let needs: Vec<bool> = inputs.iter().map(|v| self.needs[v.0]).collect();
+        let mut sub = self.nested(step, dropout_calls);
+        let result = (|| -> Result<Vec<Option<Tensor<f32>>>> {
+            let xs = copies
+                .into_iter()
+                .zip(&needs)
+                .map(|(t, &n)| {
+                    if n {
+                        sub.input_with_grad(t)
+                    } else {
+                        sub.input(t)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let outs = forward(&mut sub, &xs)?;
+            ensure!(
+                outs.len() == dys.len(),
+                "the recomputation gave {} outputs, the first run {}",
+                outs.len(),
+                dys.len()
+            );
+            let mut any = false;
+            for (o, g) in outs.iter().zip(dys) {
+                if !sub.needs[o.0] {
+                    sub.pool.give(g);
+                    continue;
+                }
+                any = true;
+                match &mut sub.grads[o.0] {
+                    Some(acc) => {
+                        elementwise::accumulate(1.0, &g, acc)?;
+                        sub.pool.give(g);
+                    }
+                    None => sub.grads[o.0] = Some(g),
+                }
+            }
+            if any {
+                sub.run_backward()?;
+            }
+            Ok(xs.iter().map(|x| sub.grads[x.0].take()).collect())
+        })();
+        self.restore(sub);
+        for (v, g) in inputs.iter().zip(result?) {
+            let Some(g) = g else { continue };
+            if !self.needs[v.0] {
                 self.pool.give(g);
+                continue;
+            }
+            match &mut self.grads[v.0] {
+                Some(acc) => {
+                    elementwise::accumulate(1.0, &g, acc)?;
+                    self.pool.give(g);
+                }
+                None => self.grads[v.0] = Some(g),
             }
         }
         Ok(())

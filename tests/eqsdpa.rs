@@ -359,6 +359,14 @@ fn check_case_mode(dev: &Device, c: &Case, backward: bool, mode: EqsdpaBackwardM
     );
     let (mo, ml, mdq, mdk, mdv) = materialised_f32(c);
     let name = c.name();
+    let report = |what: &str, fused: &[f32], mat: &[f32], want: &[f64]| {
+        println!(
+            "{dev:?} {name} {what}: fused err {:.3e}, materialised f32 err {:.3e}",
+            max_abs_err(fused, want),
+            max_abs_err(mat, want)
+        )
+    };
+    report("out", &f.out, &mo, &r.out);
     check_rule(&format!("out, {name}"), &f.out, &mo, &r.out)?;
     check_lse(&format!("lse, {name}"), &f.lse, &ml, &r.lse)?;
     if backward {
@@ -390,6 +398,9 @@ fn check_case_mode(dev: &Device, c: &Case, backward: bool, mode: EqsdpaBackwardM
                 .fold(0.0, f64::max)
         };
         let (sq, sk, sv) = (err(&st.0, &r.dq), err(&st.1, &r.dk), err(&st.2, &r.dvalues));
+        report("dq", &f.dq, &mdq, &r.dq);
+        report("dk", &f.dk, &mdk, &r.dk);
+        report("dvalues", &f.dv, &mdv, &r.dvalues);
         check_rule_with(&format!("dq, {name}"), &f.dq, &mdq, sq, &r.dq)?;
         check_rule_with(&format!("dk, {name}"), &f.dk, &mdk, sk, &r.dk)?;
         check_rule_with(&format!("dvalues, {name}"), &f.dv, &mdv, sv, &r.dvalues)?;
@@ -409,7 +420,7 @@ fn shapes(dev: &Device) -> Vec<(usize, usize, usize)> {
 
 device_test!(eqsdpa_matches_reference, |dev| {
     let mut rng = Rng::for_test("eqsdpa_matches_reference");
-    for dh in [16, 32, 64] {
+    for dh in [8, 16, 32, 64] {
         for (frames, heads, t) in shapes(dev) {
             let c = Case::new(&mut rng, frames, heads, t, dh, false);
             check_case(dev, &c, true)?;
@@ -420,7 +431,7 @@ device_test!(eqsdpa_matches_reference, |dev| {
 
 device_test!(eqsdpa_masked_matches_reference, |dev| {
     let mut rng = Rng::for_test("eqsdpa_masked_matches_reference");
-    for dh in [16, 32, 64] {
+    for dh in [8, 16, 32, 64] {
         for (frames, heads, t) in [(3, 1, 7), (2, 3, 64), (2, 1, 200)] {
             let c = Case::new(&mut rng, frames, heads, t, dh, true);
             check_case(dev, &c, true)?;
@@ -440,7 +451,7 @@ fn eqsdpa_long_sequence_matches_reference_on_cpu() {
 
 device_test!(eqsdpa_masked_keys_change_nothing, |dev| {
     let mut rng = Rng::for_test("eqsdpa_masked_keys_change_nothing");
-    for dh in [16, 64] {
+    for dh in [8, 16, 64] {
         let c = Case::new(&mut rng, 3, 2, 45, dh, true);
         let a = run_fused(dev, &c, true)?;
         // New contents, much larger, for every masked key's k and values.
@@ -517,7 +528,7 @@ device_test!(eqsdpa_masked_keys_change_nothing, |dev| {
 
 device_test!(eqsdpa_is_deterministic, |dev| {
     let mut rng = Rng::for_test("eqsdpa_is_deterministic");
-    for dh in [16, 32, 64] {
+    for dh in [8, 16, 32, 64] {
         let c = Case::new(&mut rng, 2, 3, 77, dh, true);
         let a = run_fused(dev, &c, true)?;
         let b = run_fused(dev, &c, true)?;
@@ -541,12 +552,47 @@ device_test!(eqsdpa_is_deterministic, |dev| {
 
 device_test!(eqsdpa_rejects_bad_shapes, |dev| {
     let z = |s: &[usize]| Tensor::<f32>::zeros(dev, s);
+    // dh = 12 is not supported.
+    let (mut out, mut lse) = (z(&[2, 5, 48])?, z(&[2, 5])?);
+    let q = z(&[2, 5, 12])?;
+    let err = eqsdpa_forward(&q, &q, &z(&[2, 5, 48])?, None, 1, 1.0, &mut out, &mut lse)
+        .expect_err("dh = 12");
+    ensure!(format!("{err:#}").contains("dh = 12"), "{err:#}");
+    // dh = 8 is f32 only: the 16-bit (tensor-core) ops reject it and point to the f32 ones.
     let (mut out, mut lse) = (z(&[2, 5, 32])?, z(&[2, 5])?);
-    // dh = 8 is not supported.
-    let q = z(&[2, 5, 8])?;
-    let err = eqsdpa_forward(&q, &q, &z(&[2, 5, 32])?, None, 1, 1.0, &mut out, &mut lse)
-        .expect_err("dh = 8");
-    ensure!(format!("{err:#}").contains("dh = 8"), "{err:#}");
+    let qh = Tensor::<half::bf16>::zeros(dev, &[2, 5, 8])?;
+    let vh = Tensor::<half::bf16>::zeros(dev, &[2, 5, 32])?;
+    let err = eqsdpa_forward_half(&qh, &qh, &vh, None, 1, 1.0, &mut out, &mut lse)
+        .expect_err("bf16 dh = 8");
+    let msg = format!("{err:#}");
+    ensure!(
+        msg.contains("eqsdpa_forward_half") && msg.contains("dh = 8") && msg.contains("f32"),
+        "{msg}"
+    );
+    let (mut dq, mut dk, mut dv) = (z(&[2, 5, 8])?, z(&[2, 5, 8])?, z(&[2, 5, 32])?);
+    let qh = Tensor::<half::f16>::zeros(dev, &[2, 5, 8])?;
+    let vh = Tensor::<half::f16>::zeros(dev, &[2, 5, 32])?;
+    let err = eqsdpa_backward_half(
+        &qh,
+        &qh,
+        &vh,
+        &out,
+        &lse,
+        &out,
+        None,
+        1,
+        1.0,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        EqsdpaBackwardMode::Deterministic,
+    )
+    .expect_err("f16 dh = 8");
+    let msg = format!("{err:#}");
+    ensure!(
+        msg.contains("eqsdpa_backward_half") && msg.contains("dh = 8") && msg.contains("f32"),
+        "{msg}"
+    );
     // k of another shape.
     let q = z(&[2, 5, 16])?;
     let (mut out, mut lse) = (z(&[2, 5, 64])?, z(&[2, 5])?);
@@ -580,79 +626,97 @@ device_test!(eqsdpa_rejects_bad_shapes, |dev| {
 });
 
 /// Central differences of L = sum(w * out) on the f64 CPU twin (and on the f64 reference)
-/// against their backward passes, for q, k and values, with a padded key.
+/// against their backward passes, for q, k and values, with a padded key; dh = 8 and 16.
 #[test]
 fn eqsdpa_gradients_match_finite_differences() {
     let mut rng = Rng::for_test("eqsdpa_gradients_match_finite_differences");
-    let d = EqsdpaDims {
-        bh: 4,
-        t: 5,
-        dh: 16,
-        heads: 2,
-    };
-    let (n, nv) = (d.bh * d.t * d.dh, d.bh * d.t * d.dv());
-    let gen = |rng: &mut Rng, n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f64>>();
-    let (q, k, v, w) = (
-        gen(&mut rng, n),
-        gen(&mut rng, n),
-        gen(&mut rng, nv),
-        gen(&mut rng, nv),
-    );
-    // Frame 0: key 3 padded; frame 1: keys 0 and 4 padded.
-    let mask = vec![1, 1, 1, 0, 1, 0, 1, 1, 1, 0];
-    let scale = 0.25;
-    let twin_out = |q: &[f64], k: &[f64], v: &[f64]| {
-        let mut out = vec![0.0; nv];
-        let mut lse = vec![0.0; d.bh * d.t];
-        eqsdpa_forward_host(q, k, v, Some(&mask), d, scale, &mut out, &mut lse);
-        (out, lse)
-    };
-    let loss = |out: &[f64]| out.iter().zip(&w).map(|(o, w)| o * w).sum::<f64>();
-    let (out, lse) = twin_out(&q, &k, &v);
-    let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; nv]);
-    eqsdpa_backward_host(
-        &q,
-        &k,
-        &v,
-        &out,
-        &lse,
-        &w,
-        Some(&mask),
-        d,
-        scale,
-        &mut dq,
-        &mut dk,
-        &mut dv,
-    );
-    let r = eqsdpa_reference_host(&q, &k, &v, Some(&mask), d, scale, Some(&w));
-    check_gradient("dq", |x| loss(&twin_out(x, &k, &v).0), &q, &dq, 1e-6, 1e-7).unwrap();
-    check_gradient("dk", |x| loss(&twin_out(&q, x, &v).0), &k, &dk, 1e-6, 1e-7).unwrap();
-    check_gradient(
-        "dvalues",
-        |x| loss(&twin_out(&q, &k, x).0),
-        &v,
-        &dv,
-        1e-6,
-        1e-7,
-    )
-    .unwrap();
-    // The reference's textbook backward agrees with the twin's FlashAttention-2 one.
-    for (what, a, b) in [
-        ("out", &out, &r.out),
-        ("lse", &lse, &r.lse),
-        ("dq", &dq, &r.dq),
-        ("dk", &dk, &r.dk),
-        ("dvalues", &dv, &r.dvalues),
-    ] {
-        let worst = a
-            .iter()
-            .zip(b.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            worst < 1e-12,
-            "{what}: twin and reference differ by {worst}"
+    for dh in [8, 16] {
+        let d = EqsdpaDims {
+            bh: 4,
+            t: 5,
+            dh,
+            heads: 2,
+        };
+        let (n, nv) = (d.bh * d.t * d.dh, d.bh * d.t * d.dv());
+        let gen = |rng: &mut Rng, n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f64>>();
+        let (q, k, v, w) = (
+            gen(&mut rng, n),
+            gen(&mut rng, n),
+            gen(&mut rng, nv),
+            gen(&mut rng, nv),
         );
+        // Frame 0: key 3 padded; frame 1: keys 0 and 4 padded.
+        let mask = vec![1, 1, 1, 0, 1, 0, 1, 1, 1, 0];
+        let scale = 1.0 / (dh as f64).sqrt();
+        let twin_out = |q: &[f64], k: &[f64], v: &[f64]| {
+            let mut out = vec![0.0; nv];
+            let mut lse = vec![0.0; d.bh * d.t];
+            eqsdpa_forward_host(q, k, v, Some(&mask), d, scale, &mut out, &mut lse);
+            (out, lse)
+        };
+        let loss = |out: &[f64]| out.iter().zip(&w).map(|(o, w)| o * w).sum::<f64>();
+        let (out, lse) = twin_out(&q, &k, &v);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; nv]);
+        eqsdpa_backward_host(
+            &q,
+            &k,
+            &v,
+            &out,
+            &lse,
+            &w,
+            Some(&mask),
+            d,
+            scale,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        let r = eqsdpa_reference_host(&q, &k, &v, Some(&mask), d, scale, Some(&w));
+        check_gradient(
+            &format!("dq, dh {dh}"),
+            |x| loss(&twin_out(x, &k, &v).0),
+            &q,
+            &dq,
+            1e-6,
+            1e-7,
+        )
+        .unwrap();
+        check_gradient(
+            &format!("dk, dh {dh}"),
+            |x| loss(&twin_out(&q, x, &v).0),
+            &k,
+            &dk,
+            1e-6,
+            1e-7,
+        )
+        .unwrap();
+        check_gradient(
+            &format!("dvalues, dh {dh}"),
+            |x| loss(&twin_out(&q, &k, x).0),
+            &v,
+            &dv,
+            1e-6,
+            1e-7,
+        )
+        .unwrap();
+        // The reference's textbook backward agrees with the twin's FlashAttention-2 one.
+        for (what, a, b) in [
+            ("out", &out, &r.out),
+            ("lse", &lse, &r.lse),
+            ("dq", &dq, &r.dq),
+            ("dk", &dk, &r.dk),
+            ("dvalues", &dv, &r.dvalues),
+        ] {
+            let worst = a
+                .iter()
+                .zip(b.iter())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst < 1e-12,
+                "{what} (dh {dh}): twin and reference differ by {worst}"
+            );
+        }
     }
 }
 
@@ -660,7 +724,7 @@ kernel_test!(eqsdpa_blocks_loop_over_many_tiles, |dev| {
     // Two blocks per launch: each walks half of the (bh, tile) pairs, reusing its shared memory
     // from tile to tile. The results must be those of one block per tile, bit for bit.
     let mut rng = Rng::for_test("eqsdpa_blocks_loop_over_many_tiles");
-    for dh in [16, 32, 64] {
+    for dh in [8, 16, 32, 64] {
         let c = Case::new(&mut rng, 2, 2, 70, dh, true);
         let a = run_fused(dev, &c, true)?;
         set_max_blocks(2);
@@ -782,7 +846,7 @@ fn max_abs(v: &[f32]) -> f64 {
 device_test!(eqsdpa_atomic_dq_matches_deterministic, |dev| {
     let mut rng = Rng::for_test("eqsdpa_atomic_dq_matches_deterministic");
     let atomic = EqsdpaBackwardMode::AtomicDq;
-    for dh in [16, 32, 64] {
+    for dh in [8, 16, 32, 64] {
         for (frames, heads, t) in [(1, 1, 1), (2, 3, 77)] {
             let c = Case::new(&mut rng, frames, heads, t, dh, frames > 1);
             let a = run_fused(dev, &c, true)?;
@@ -793,8 +857,8 @@ device_test!(eqsdpa_atomic_dq_matches_deterministic, |dev| {
                 "atomic mode: dk or dvalues differ from the deterministic mode ({})",
                 c.name()
             );
-            // Each dq element is a sum over ceil(T / 32) key tiles in both modes, in another
-            // order: a few f32 ulps of the largest partial sums.
+            // Each dq element is a sum over the key tiles (16 to 64 keys, by dh) in both modes,
+            // in another order: a few f32 ulps of the largest partial sums.
             let tol = 1e-5 * max_abs(&a.dq) + 1e-7;
             assert_close(
                 &format!("atomic dq vs deterministic, {}", c.name()),

@@ -46,7 +46,7 @@ pub struct TokenModelConfig {
     pub input_channels: usize,
     /// Channels inside the model (H).
     pub hidden: usize,
-    /// Attention heads (H must be a multiple; H / heads must be 16, 32 or 64 for the fused
+    /// Attention heads (H must be a multiple; H / heads must be 8, 16, 32 or 64 for the fused
     /// kernel).
     pub heads: usize,
     /// Attention weights by the fused kernel ("fused", the default) or materialised.
@@ -75,6 +75,11 @@ pub struct TokenModelConfig {
     pub eps: f32,
     /// Seed of the initialisation.
     pub seed: u64,
+    /// Training keeps only each block's inputs and outputs and runs the block again in the
+    /// backward pass (activation checkpointing, [`Tape::checkpoint`]): a step's activation
+    /// memory drops to about a third for one more forward pass of the blocks. Evaluation is
+    /// unaffected (nothing is recomputed without a backward pass). On by default.
+    pub checkpoint: bool,
 }
 
 impl Default for TokenModelConfig {
@@ -96,6 +101,7 @@ impl Default for TokenModelConfig {
             output: 4,
             eps: 1e-5,
             seed: 0,
+            checkpoint: true,
         }
     }
 }
@@ -130,9 +136,9 @@ impl TokenModelConfig {
         if self.attention == AttentionKind::Fused {
             let dh = self.hidden / self.heads;
             ensure!(
-                matches!(dh, 16 | 32 | 64),
-                "hidden / heads = {dh}: the fused attention kernel takes head widths 16, 32 or \
-                 64 (set attention = \"materialised\" for other widths)"
+                matches!(dh, 8 | 16 | 32 | 64),
+                "hidden / heads = {dh}: the fused attention kernel takes head widths 8, 16, 32 \
+                 or 64 (set attention = \"materialised\" for other widths)"
             );
         }
         ensure!(self.output > 0, "output must be positive");
@@ -397,6 +403,14 @@ impl TokenModel {
         }
         let mut token_mask = mask.map(<[u8]>::to_vec);
         if let Some(merger) = &self.merger {
+            // Padding residues hold embedding (and graph-root) biases of whatever their inputs
+            // were: zero them so that a window mixing real and padding residues sees only the
+            // real ones, and a frame's output does not depend on how far it was padded.
+            if let Some(m) = mask {
+                let m = Arc::new(Tensor::from_slice(&dev, &[b, r], m)?);
+                s = tokens::token_mask(tape, s, m.clone())?;
+                v = tokens::token_mask(tape, v, m)?;
+            }
             (s, v) = merger.forward(tape, s, v)?;
             token_mask = token_mask.map(|m| merged_token_mask(&m, r, merger.w));
         }
@@ -406,10 +420,23 @@ impl TokenModel {
             .transpose()?;
         s = tokens::position_encoding(tape, s)?;
         let mut attention = Vec::with_capacity(self.blocks.len());
+        // Checkpointed blocks exist on the tape only as inputs and outputs, so their attention
+        // records (queries and keys for attention maps) are not kept: maps come from evaluation
+        // passes, which do not checkpoint.
+        let checkpoint = c.checkpoint && tape.training();
         for block in &self.blocks {
-            let rec;
-            ((s, v), rec) = block.forward(tape, s, v, mask_t.clone())?;
-            attention.push(rec);
+            if checkpoint {
+                let (b, m) = (block.clone(), mask_t.clone());
+                let out = tape.checkpoint("eq_block", &[s, v], move |t, x| {
+                    let ((s, v), _) = b.forward(t, x[0], x[1], m.clone())?;
+                    Ok(vec![s, v])
+                })?;
+                (s, v) = (out[0], out[1]);
+            } else {
+                let rec;
+                ((s, v), rec) = block.forward(tape, s, v, mask_t.clone())?;
+                attention.push(rec);
+            }
         }
         let kind = match c.pooling {
             Pooling::Mean => Pool::Mean,
@@ -438,6 +465,13 @@ impl TokenModel {
         out: &TokenOutput,
         frames: Option<&[usize]>,
     ) -> Result<Vec<AttentionMap>> {
+        ensure!(
+            out.attention.len() == self.blocks.len(),
+            "attention maps: the forward pass kept the records of {} of {} blocks (training \
+             passes checkpoint their blocks and keep none: run it with tape.set_training(false))",
+            out.attention.len(),
+            self.blocks.len()
+        );
         let dev = tape.device().clone();
         let mask_all = out.mask.as_ref().map(|m| m.to_vec()).transpose()?;
         let mut maps = Vec::with_capacity(out.attention.len());

@@ -3,7 +3,8 @@
 //! `cuda/eqsdpa.cu`.
 //!
 //! Layout, per (frame b, head h) pair `bh = b * heads + h` (what `EqAttention` produces):
-//! - `q`, `k`: `[BH, T, dh]` (any shape ending in `[T, dh]`), dh in {16, 32, 64};
+//! - `q`, `k`: `[BH, T, dh]` (any shape ending in `[T, dh]`), dh in {8, 16, 32, 64} (the f32
+//!   ops; the bf16 / f16 ones take {16, 32, 64}, their tensor-core steps being 16 wide);
 //! - `values`: `[BH, T, 4 dh]`: dh scalar values then the x, y, z components of dh vector
 //!   channels; one softmax weighs all 4 dh columns;
 //! - `mask`: optional `[B, T]` u8, 0 = padding key (its probability is exactly 0); the frame of
@@ -87,12 +88,17 @@ impl EqsdpaDims {
 // Launch constants; each must match the kernel's configuration in cuda/eqsdpa.cu (the kernels
 // check their block size).
 
-/// (queries per block, threads) of `eqsdpa_forward_f32_dh{16,32,64}` (`EqsdpaFwd*`).
-const FWD_F32: [(usize, u32); 3] = [(64, 128), (64, 128), (64, 256)];
-/// (keys per block, threads) of `eqsdpa_backward_dkdv_f32_dh*` (`EqsdpaDkv*`).
-const DKDV_F32: [(usize, u32); 3] = [(32, 128), (32, 128), (16, 128)];
+/// Head widths of the f32 kernels, in the order of the `*_F32` tables ([`f32_index`]).
+const F32_WIDTHS: [usize; 4] = [8, 16, 32, 64];
+/// Head widths of the bf16 / f16 tensor-core kernels, in the order of the `*_MMA` and
+/// bf16 / f16 tables ([`mma_index`]): multiples of the mma's k step of 16.
+const MMA_WIDTHS: [usize; 3] = [16, 32, 64];
+/// (queries per block, threads) of `eqsdpa_forward_f32_dh{8,16,32,64}` (`EqsdpaFwd*`).
+const FWD_F32: [(usize, u32); 4] = [(64, 128), (64, 128), (64, 128), (64, 256)];
+/// (keys per block, threads) of `eqsdpa_backward_{dkdv,atomic}_f32_dh*` (`EqsdpaDkv*`).
+const DKDV_F32: [(usize, u32); 4] = [(64, 128), (32, 128), (32, 128), (16, 128)];
 /// (queries per block, threads) of `eqsdpa_backward_dq_f32_dh*` (`EqsdpaDq*`).
-const DQ_F32: [(usize, u32); 3] = [(32, 128), (16, 128), (8, 128)];
+const DQ_F32: [(usize, u32); 4] = [(64, 128), (32, 128), (16, 128), (8, 128)];
 /// (queries per block, threads) of the tensor-core forward `eqsdpa_forward_{bf16,f16}_dh*`
 /// (`EqsdpaMma*`): four warps of 16 queries.
 const FWD_MMA: (usize, u32) = (64, 128);
@@ -107,16 +113,24 @@ const PREP_MMA: (usize, u32) = (4, 128);
 /// nothing but scheduling.
 const GRID_MAX: usize = 1 << 20;
 
-/// Index of dh in the per-dh tables.
-fn dh_index(dh: usize) -> usize {
-    match dh {
-        16 => 0,
-        32 => 1,
-        _ => 2,
-    }
+/// Index of dh in the f32 tables ([`F32_WIDTHS`]); dh was checked by [`dims_of`].
+fn f32_index(dh: usize) -> usize {
+    F32_WIDTHS
+        .iter()
+        .position(|&w| w == dh)
+        .expect("eqsdpa: f32 head width checked by dims_of")
 }
 
-static FWD_F32_KERNELS: [&Kernel; 3] = [
+/// Index of dh in the tensor-core tables ([`MMA_WIDTHS`]); dh was checked by [`dims_of`].
+fn mma_index(dh: usize) -> usize {
+    MMA_WIDTHS
+        .iter()
+        .position(|&w| w == dh)
+        .expect("eqsdpa: tensor-core head width checked by dims_of")
+}
+
+static FWD_F32_KERNELS: [&Kernel; 4] = [
+    &k::EQSDPA_FORWARD_F32_DH8,
     &k::EQSDPA_FORWARD_F32_DH16,
     &k::EQSDPA_FORWARD_F32_DH32,
     &k::EQSDPA_FORWARD_F32_DH64,
@@ -131,12 +145,14 @@ static FWD_F16_KERNELS: [&Kernel; 3] = [
     &k::EQSDPA_FORWARD_F16_DH32,
     &k::EQSDPA_FORWARD_F16_DH64,
 ];
-static DKDV_F32_KERNELS: [&Kernel; 3] = [
+static DKDV_F32_KERNELS: [&Kernel; 4] = [
+    &k::EQSDPA_BACKWARD_DKDV_F32_DH8,
     &k::EQSDPA_BACKWARD_DKDV_F32_DH16,
     &k::EQSDPA_BACKWARD_DKDV_F32_DH32,
     &k::EQSDPA_BACKWARD_DKDV_F32_DH64,
 ];
-static ATOMIC_F32_KERNELS: [&Kernel; 3] = [
+static ATOMIC_F32_KERNELS: [&Kernel; 4] = [
+    &k::EQSDPA_BACKWARD_ATOMIC_F32_DH8,
     &k::EQSDPA_BACKWARD_ATOMIC_F32_DH16,
     &k::EQSDPA_BACKWARD_ATOMIC_F32_DH32,
     &k::EQSDPA_BACKWARD_ATOMIC_F32_DH64,
@@ -188,7 +204,8 @@ static BWD_F16: HalfBackwardKernels = HalfBackwardKernels {
     ],
 };
 
-static DQ_F32_KERNELS: [&Kernel; 3] = [
+static DQ_F32_KERNELS: [&Kernel; 4] = [
+    &k::EQSDPA_BACKWARD_DQ_F32_DH8,
     &k::EQSDPA_BACKWARD_DQ_F32_DH16,
     &k::EQSDPA_BACKWARD_DQ_F32_DH32,
     &k::EQSDPA_BACKWARD_DQ_F32_DH64,
@@ -724,8 +741,10 @@ pub fn eqsdpa_reference_host(
 // ---------------------------------------------------------------------------------------------
 // Device entry points.
 
-/// Reads and checks the sizes: q and k `[.., T, dh]` of one shape, values `[.., T, 4 dh]` with as
-/// many rows, heads dividing BH, mask `[BH / heads, T]`.
+/// Reads and checks the sizes: q and k `[.., T, dh]` of one shape with dh in `widths` (the op's
+/// kernels: [`F32_WIDTHS`] or [`MMA_WIDTHS`]; the latter's error points a width only the f32
+/// kernels take to them), values `[.., T, 4 dh]` with as many rows, heads dividing BH, mask
+/// `[BH / heads, T]`.
 fn dims_of<T: Element>(
     op: &str,
     q: &Tensor<T>,
@@ -733,6 +752,7 @@ fn dims_of<T: Element>(
     values: &Tensor<T>,
     mask: Option<&Tensor<u8>>,
     heads: usize,
+    widths: &[usize],
 ) -> Result<EqsdpaDims> {
     let qs = q.shape();
     ensure!(
@@ -740,9 +760,22 @@ fn dims_of<T: Element>(
         "{op}: q has shape {qs:?}, expected [.., T, dh]"
     );
     let (t, dh) = (qs[qs.len() - 2], qs[qs.len() - 1]);
+    let list = |w: &[usize]| {
+        let s: Vec<String> = w.iter().map(|w| w.to_string()).collect();
+        format!("{} or {}", s[..s.len() - 1].join(", "), s[s.len() - 1])
+    };
     ensure!(
-        matches!(dh, 16 | 32 | 64),
-        "{op}: head width dh = {dh} (q has shape {qs:?}); the kernels support dh = 16, 32 or 64"
+        widths.contains(&dh),
+        "{op}: head width dh = {dh} (q has shape {qs:?}); its kernels support dh = {}{}",
+        list(widths),
+        if widths == MMA_WIDTHS && F32_WIDTHS.contains(&dh) {
+            format!(
+                " (bf16 / f16 tensor-core steps are 16 wide); for dh = {dh} use the f32 \
+                 eqsdpa_forward / eqsdpa_backward"
+            )
+        } else {
+            String::new()
+        }
     );
     ensure!(
         k.shape() == qs,
@@ -839,7 +872,7 @@ fn with_mask(args: KernelArgs, mask: Option<&Tensor<u8>>) -> KernelArgs {
 
 /// Fused attention forward: `out = softmax(scale q k^T, masked) values` and `lse`, per (frame,
 /// head), without storing the T x T matrix (layout in the module docs; `scale` is normally
-/// 1/sqrt(dh)). `q`, `k`: `[BH, T, dh]` with dh in {16, 32, 64}; `values`, `out`:
+/// 1/sqrt(dh)). `q`, `k`: `[BH, T, dh]` with dh in {8, 16, 32, 64}; `values`, `out`:
 /// `[BH, T, 4 dh]`; `lse`: `[BH, T]`; `mask`: `[BH / heads, T]`, 0 = padding key. A query whose
 /// keys are all masked gets out = 0 and lse = +inf. Assigns `out` and `lse`.
 #[allow(clippy::too_many_arguments)] // the op's operands
@@ -859,7 +892,7 @@ pub fn eqsdpa_forward(
         others.push(m.device());
     }
     let dev = same_device(op, q.device(), &others)?.clone();
-    let d = dims_of(op, q, k, values, mask, heads)?;
+    let d = dims_of(op, q, k, values, mask, heads, &F32_WIDTHS)?;
     expect_shape(op, "out", out, values.len(), "values' shape")?;
     expect_shape(op, "lse", lse, d.bh * d.t, "[BH, T]")?;
     if d.bh * d.t == 0 {
@@ -883,7 +916,7 @@ pub fn eqsdpa_forward(
             Ok(())
         }
         _ => {
-            let i = dh_index(d.dh);
+            let i = f32_index(d.dh);
             let (bq, threads) = FWD_F32[i];
             let args = with_mask(KernelArgs::new().input(q).input(k).input(values), mask)
                 .output(out)
@@ -943,7 +976,7 @@ pub fn eqsdpa_backward(
         others.push(m.device());
     }
     let dev = same_device(op, q.device(), &others)?.clone();
-    let d = dims_of(op, q, k, values, mask, heads)?;
+    let d = dims_of(op, q, k, values, mask, heads, &F32_WIDTHS)?;
     expect_shape(op, "out", out, values.len(), "values' shape")?;
     expect_shape(op, "dout", dout, values.len(), "values' shape")?;
     expect_shape(op, "lse", lse, d.bh * d.t, "[BH, T]")?;
@@ -975,7 +1008,7 @@ pub fn eqsdpa_backward(
             Ok(())
         }
         _ if mode == EqsdpaBackwardMode::AtomicDq => {
-            let i = dh_index(d.dh);
+            let i = f32_index(d.dh);
             let (bk, threads) = DKDV_F32[i];
             dq.fill_bytes(0)?;
             let args = with_mask(KernelArgs::new().input(q).input(k).input(values), mask)
@@ -998,7 +1031,7 @@ pub fn eqsdpa_backward(
             .context("eqsdpa_backward: atomic dq, dk, dvalues")
         }
         _ => {
-            let i = dh_index(d.dh);
+            let i = f32_index(d.dh);
             let (bk, threads) = DKDV_F32[i];
             let args = with_mask(KernelArgs::new().input(q).input(k).input(values), mask)
                 .input(out)
@@ -1043,7 +1076,8 @@ pub fn eqsdpa_backward(
 /// before it multiplies the values (as in FlashAttention-2), the softmax and its statistics are
 /// f32, and `out` and `lse` are f32. On the cpu device the operands are widened to f32 (exactly)
 /// and the f32 twin runs, so P is not rounded there. The backward is [`eqsdpa_backward_half`].
-/// Assigns `out` and `lse`.
+/// dh in {16, 32, 64} only, on every device (the mma steps are 16 wide): dh = 8 is an error that
+/// points to [`eqsdpa_forward`]. Assigns `out` and `lse`.
 #[allow(clippy::too_many_arguments)] // the op's operands
 pub fn eqsdpa_forward_half<T: HalfFloat>(
     q: &Tensor<T>,
@@ -1061,7 +1095,7 @@ pub fn eqsdpa_forward_half<T: HalfFloat>(
         others.push(m.device());
     }
     let dev = same_device(op, q.device(), &others)?.clone();
-    let d = dims_of(op, q, k, values, mask, heads)?;
+    let d = dims_of(op, q, k, values, mask, heads, &MMA_WIDTHS)?;
     expect_shape(op, "out", out, values.len(), "values' shape")?;
     expect_shape(op, "lse", lse, d.bh * d.t, "[BH, T]")?;
     if d.bh * d.t == 0 {
@@ -1103,7 +1137,7 @@ pub fn eqsdpa_forward_half<T: HalfFloat>(
                 .f32(scale);
             launch(
                 &dev,
-                kernels[dh_index(d.dh)],
+                kernels[mma_index(d.dh)],
                 tile_launch(d.bh * d.t.div_ceil(bq), threads),
                 args,
             )
@@ -1122,7 +1156,8 @@ pub fn eqsdpa_forward_half<T: HalfFloat>(
 /// `dout`, `q` and `k`; every product accumulates in f32. Two scratch buffers, linear in T: the
 /// rounded dout and D. `mode` as in [`eqsdpa_backward`] (the atomic mode skips the dq kernel).
 /// On the cpu device the operands (dout rounded to the 16-bit type first) are widened to f32
-/// exactly and the f32 twin runs, in both modes; P and dS are not rounded there.
+/// exactly and the f32 twin runs, in both modes; P and dS are not rounded there. dh in
+/// {16, 32, 64} only, as [`eqsdpa_forward_half`].
 #[allow(clippy::too_many_arguments)] // the op's operands and gradients
 pub fn eqsdpa_backward_half<T: HalfFloat>(
     q: &Tensor<T>,
@@ -1154,7 +1189,7 @@ pub fn eqsdpa_backward_half<T: HalfFloat>(
         others.push(m.device());
     }
     let dev = same_device(op, q.device(), &others)?.clone();
-    let d = dims_of(op, q, k, values, mask, heads)?;
+    let d = dims_of(op, q, k, values, mask, heads, &MMA_WIDTHS)?;
     expect_shape(op, "out", out, values.len(), "values' shape")?;
     expect_shape(op, "dout", dout, values.len(), "values' shape")?;
     expect_shape(op, "lse", lse, d.bh * d.t, "[BH, T]")?;
@@ -1199,7 +1234,7 @@ pub fn eqsdpa_backward_half<T: HalfFloat>(
                 DType::BF16 => &BWD_BF16,
                 _ => &BWD_F16,
             };
-            let i = dh_index(d.dh);
+            let i = mma_index(d.dh);
             // Scratch: dout rounded to T, and D = rowsum(rounded dout * out).
             let mut dout_h = Tensor::<T>::zeros(&dev, values.shape())?;
             let mut dsum = Tensor::<f32>::zeros(&dev, &[d.bh, d.t])?;
