@@ -177,6 +177,22 @@ def section_curves(r, a, out):
                     "memory_ratio": ratio(ours, plain, "added_peak_mb")})
 
 
+def section_scaling(r, a, out):
+    """Training iteration vs residues at w = 1 and 8 (no graph conv), both implementations."""
+    log(f"scaling: token-model iteration vs residues, batch {a.scaling_batch} pairs")
+    for w in (1, 8):
+        for res in a.scaling_residues:
+            d = os.path.join(r.models, f"scaling_{res}_w{w}")
+            common = ["--residues", str(res), "--batch", str(a.scaling_batch), "--warmup", "1",
+                      "--repeats", "1"]
+            ours = r.hiermd(["token", "--window", str(w), "--save-model", d] + common)
+            peer = r.pytorch(["token", "--model", d] + common, timeout=a.big_timeout)
+            out.append({"section": "scaling", "residues": res, "window": w,
+                        "batch_pairs": a.scaling_batch, "hiermd": ours, "pytorch": peer,
+                        "speed_ratio": ratio(ours, peer, "pairs_per_s"),
+                        "memory_ratio": ratio(ours, peer, "added_peak_mb")})
+
+
 def fmt(x, spec=".2f"):
     return "n/a" if x is None else format(x, spec)
 
@@ -239,6 +255,18 @@ def report(rows, a, meta):
                f"PyTorch peer (address space limited to {x['peer_memory_limit_gb']} GB): "
                + ("**" + p["error"] + "**" if "error" in p else
                   f"{p['median_s']:.1f} s per step, peak +{p['added_peak_mb']:.0f} MB") + ".", ""]
+    sc = [x for x in rows if x["section"] == "scaling"]
+    if sc:
+        md += ["## Training iteration vs residues (no graph conv)", "",
+               f"Batch {a.scaling_batch} pairs, H = 64, 4 blocks, 8 heads.", "",
+               "| w | residues | hiermd s | peer s | speed ratio | hiermd MB | peer MB |",
+               "|--:|--:|--:|--:|--:|--:|--:|"]
+        for x in sc:
+            h, p = x["hiermd"], x["pytorch"]
+            md.append(f"| {x['window']} | {x['residues']} | {cell(h, 'median_s')} | "
+                      f"{cell(p, 'median_s')} | {fmt(x['speed_ratio'])}x | "
+                      f"{cell(h, 'added_peak_mb', '.0f')} | {cell(p, 'added_peak_mb', '.0f')} |")
+        md.append("")
     cu = [x for x in rows if x["section"] == "curves"]
     if cu:
         md += ["## Attention memory vs tokens (forward + backward)", "",
@@ -250,7 +278,7 @@ def report(rows, a, meta):
     return "\n".join(md)
 
 
-def plots(rows, out):
+def plots(rows, out, scaling_json=None):
     try:
         import matplotlib
 
@@ -278,6 +306,44 @@ def plots(rows, out):
         fig.tight_layout()
         fig.savefig(os.path.join(out, "attention_memory.png"), dpi=120)
         plt.close(fig)
+    sc = [x for x in rows if x["section"] == "scaling"]
+    full = []
+    if scaling_json and os.path.exists(scaling_json):
+        with open(scaling_json) as f:
+            full = [x for x in json.load(f) if "error" not in x]
+    if sc or full:
+        fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, key, yl in [(axs[0], "median_s", "seconds per training iteration"),
+                            (axs[1], "added_peak_mb", "peak memory of an iteration (MB)")]:
+            for gi, g in enumerate(["none", "cheap", "gated"]):
+                for wi, w in enumerate([1, 2, 4, 8]):
+                    pts = sorted((x["residues"], x[key]) for x in full
+                                 if x["window"] == w and (x.get("graph_conv") or "none") == g)
+                    if pts:
+                        ax.plot(*zip(*pts), "o-" if g == "none" else "s--", color=f"C{wi}",
+                                label=f"hiermd w = {w}" + ("" if g == "none" else f", graph conv {g}"))
+            for wi, w in [(0, 1), (3, 8)]:
+                pts = sorted((x["residues"], x["pytorch"][key]) for x in sc
+                             if x["window"] == w and "error" not in x["pytorch"])
+                if pts:
+                    ax.plot(*zip(*pts), "x:", color=f"C{wi}", ms=9, label=f"PyTorch peer w = {w}")
+                if not full:
+                    pts = sorted((x["residues"], x["hiermd"][key]) for x in sc
+                                 if x["window"] == w and "error" not in x["hiermd"])
+                    if pts:
+                        ax.plot(*zip(*pts), "o-", color=f"C{wi}", label=f"hiermd w = {w}")
+                for x in sc:
+                    if x["window"] == w and "error" in x["pytorch"]:
+                        ax.axvline(x["residues"], color=f"C{wi}", ls=":", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("residues")
+            ax.set_ylabel(yl)
+        axs[1].legend(fontsize=7, ncol=2)
+        fig.suptitle("Token-model training iteration vs residues (CPU; dotted verticals: peer out of memory/time)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "scaling.png"), dpi=120)
+        plt.close(fig)
     tok = [x for x in rows if x["section"] == "token" and "error" not in x["hiermd"] and "error" not in x["pytorch"]]
     if tok:
         fig, axs = plt.subplots(1, 2, figsize=(10, 4))
@@ -303,7 +369,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="target/bench/compare")
-    p.add_argument("--only", default="token,atoms,attention,big,curves")
+    p.add_argument("--only", default="token,atoms,attention,big,curves,scaling")
     p.add_argument("--quick", action="store_true", help="small sizes: checks the plumbing only")
     p.add_argument("--residues", type=int, default=214)
     p.add_argument("--batch", type=int, default=256)
@@ -316,14 +382,20 @@ def main(argv=None):
     p.add_argument("--big-batch", type=int, default=8)
     p.add_argument("--big-timeout", type=int, default=1800)
     p.add_argument("--peer-memory-gb", type=float, default=20.0)
+    p.add_argument("--scaling-residues", default="200,400,800,1600,3200,5000")
+    p.add_argument("--scaling-batch", type=int, default=4)
+    p.add_argument("--scaling-json", default=None,
+                   help="scaling.json of `hiermd bench scaling` to plot with the peer's points")
     a = p.parse_args(argv)
     if a.quick:
         a.residues, a.batch, a.frames, a.repeats = 40, 4, 2, 1
         a.attention_tokens, a.curve_tokens = "256", "128,256"
         a.big_residues, a.big_batch = 200, 2
+        a.scaling_residues = "50,100"
     a.windows = [int(x) for x in a.windows.split(",")]
     a.attention_tokens = [int(x) for x in a.attention_tokens.split(",")]
     a.curve_tokens = [int(x) for x in a.curve_tokens.split(",")]
+    a.scaling_residues = [int(x) for x in a.scaling_residues.split(",")]
     os.makedirs(a.out, exist_ok=True)
     import torch
 
@@ -337,7 +409,7 @@ def main(argv=None):
     r = Runner(a)
     rows = []
     sections = {"token": section_token, "atoms": section_atoms, "attention": section_attention,
-                "big": section_big, "curves": section_curves}
+                "big": section_big, "curves": section_curves, "scaling": section_scaling}
     for name in a.only.split(","):
         sections[name](r, a, rows)
         with open(os.path.join(a.out, "compare.json"), "w") as f:
@@ -345,7 +417,7 @@ def main(argv=None):
     md = report(rows, a, meta)
     with open(os.path.join(a.out, "compare.md"), "w") as f:
         f.write(md + "\n")
-    plots(rows, a.out)
+    plots(rows, a.out, a.scaling_json)
     print(md)
     return 0
 

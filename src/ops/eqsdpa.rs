@@ -300,6 +300,9 @@ pub trait EqsdpaReal: Ln + GemmReal {
     /// `P = exp(s - lse)`, where a rounded difference would add a few ulps to every P. `b = +inf`
     /// gives 0.
     fn exp_diff(a: Self, b: Self) -> Self;
+    /// `exp(x)` for the forward's online softmax (`x <= 0`, or -inf for a masked key, which
+    /// gives exactly 0).
+    fn exp_fast(x: Self) -> Self;
     /// `m + ln(l)` rounded once, as the kernels compute lse (in double).
     fn log_add(m: Self, l: Self) -> Self;
     /// The value in f64 (exact).
@@ -307,17 +310,22 @@ pub trait EqsdpaReal: Ln + GemmReal {
 }
 
 impl EqsdpaReal for f32 {
+    #[inline(always)]
     fn exp_diff(a: f32, b: f32) -> f32 {
-        // The difference of two f32 is exact in f64 (for any values an attention row holds):
-        // split it into the f32 the kernels' TwoSum gives and the remainder, exp(hi) (1 + lo).
-        let x = a as f64 - b as f64;
-        let hi = x as f32;
-        if hi == f32::NEG_INFINITY {
-            return 0.0;
-        }
-        let lo = (x - hi as f64) as f32;
-        let e = hi.exp();
+        // The kernels' TwoSum: hi = fl(a - b) and its exact rounding error lo, then
+        // exp(hi) (1 + lo). Branch-free, so the element loops vectorise; b = +inf (a row whose
+        // keys are all masked) gives hi = -inf and 0.
+        let nb = -b;
+        let hi = a + nb;
+        let bb = hi - a;
+        let lo = (a - (hi - bb)) + (nb - bb);
+        let lo = if lo.is_finite() { lo } else { 0.0 };
+        let e = exp_f32(hi);
         e + e * lo
+    }
+    #[inline(always)]
+    fn exp_fast(x: f32) -> f32 {
+        exp_f32(x)
     }
     fn log_add(m: f32, l: f32) -> f32 {
         (m as f64 + (l as f64).ln()) as f32
@@ -331,11 +339,46 @@ impl EqsdpaReal for f64 {
     fn exp_diff(a: f64, b: f64) -> f64 {
         (a - b).exp()
     }
+    fn exp_fast(x: f64) -> f64 {
+        x.exp()
+    }
     fn log_add(m: f64, l: f64) -> f64 {
         m + l.ln()
     }
     fn to_f64(self) -> f64 {
         self
+    }
+}
+
+/// `exp(x)` in f32 without a call into libm, so that loops over a tile's scores vectorise (the
+/// attention's exponentials were the CPU twin's largest single cost): Cody-Waite reduction
+/// `x = n ln 2 + r`, |r| <= ln 2 / 2, Cephes' degree-6 polynomial for `exp(r)` (relative error
+/// about 1e-7, one or two ulp), and `2^n` built in the exponent bits. Arguments below -87 give
+/// 0 (exp would be below f32's normal range, where it cannot change a softmax sum of at least
+/// 1), -inf included; arguments above 88 saturate at exp(88) (attention scores minus their row
+/// maximum are never positive).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (|x log2 e| < 2^22).
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // n is in [-126, 127]: 2^n is a normal f32.
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * two_n
     }
 }
 
@@ -393,12 +436,14 @@ fn forward_tile<R: EqsdpaReal>(
             // A row that has seen only masked keys keeps m = -inf: exponents are taken against
             // 0 instead, which gives P = 0 and alpha = 0, never exp(-inf - -inf) = NaN.
             let m_use = if m_new == -inf::<R>() { zero } else { m_new };
-            let alpha = (m[r] - m_use).exp();
-            let mut tsum = zero;
+            let alpha = R::exp_fast(m[r] - m_use);
             for sj in srow.iter_mut() {
                 // exp(-inf) = 0: a masked key's P is exactly 0.
-                *sj = (*sj - m_use).exp();
-                tsum = tsum + *sj;
+                *sj = R::exp_fast(*sj - m_use);
+            }
+            let mut tsum = zero;
+            for &sj in srow.iter() {
+                tsum = tsum + sj;
             }
             out[r * dv..][..dv].iter_mut().for_each(|a| *a = *a * alpha);
             l[r] = l[r] * alpha + tsum;
@@ -543,17 +588,21 @@ pub fn eqsdpa_backward_host<R: EqsdpaReal>(
                             rows,
                             false,
                         );
+                        let (lq, dq_sum) = (&lb[q0..][..rows], &dsum[q0..][..rows]);
                         for j in 0..kn {
-                            let ok = keep(mask_row, k0 + j);
+                            let (p_row, s_row) =
+                                (&mut pt[j * rows..][..rows], &mut st[j * rows..][..rows]);
+                            if !keep(mask_row, k0 + j) {
+                                p_row.iter_mut().for_each(|p| *p = zero);
+                                s_row.iter_mut().for_each(|x| *x = zero);
+                                continue;
+                            }
+                            let dp_row = &dpt[j * rows..][..rows];
+                            // Branch-free over the queries: vectorises.
                             for i in 0..rows {
-                                let e = j * rows + i;
-                                let p = if ok {
-                                    R::exp_diff(scale * st[e], lb[q0 + i])
-                                } else {
-                                    zero
-                                };
-                                pt[e] = p;
-                                st[e] = p * R::of(dpt[e] - dsum[q0 + i]);
+                                let p = R::exp_diff(scale * s_row[i], lq[i]);
+                                p_row[i] = p;
+                                s_row[i] = p * R::of(dp_row[i] - dq_sum[i]);
                             }
                         }
                         // dvalues += P^T dout; dk += dS^T q.
@@ -589,14 +638,20 @@ pub fn eqsdpa_backward_host<R: EqsdpaReal>(
                             false,
                         );
                         for i in 0..rows {
+                            let (l, d) = (lb[q0 + i], dsum[q0 + i]);
+                            let s_row = &mut s[i * kn..][..kn];
+                            let dp_row = &dp[i * kn..][..kn];
+                            // Branch-free over the keys (masked ones are zeroed after).
                             for j in 0..kn {
-                                let e = i * kn + j;
-                                s[e] = if keep(mask_row, k0 + j) {
-                                    let p = R::exp_diff(scale * s[e], lb[q0 + i]);
-                                    p * R::of(dp[e] - dsum[q0 + i])
-                                } else {
-                                    zero
-                                };
+                                let p = R::exp_diff(scale * s_row[j], l);
+                                s_row[j] = p * R::of(dp_row[j] - d);
+                            }
+                            if let Some(m) = mask_row {
+                                for (x, &keep) in s_row.iter_mut().zip(&m[k0..][..kn]) {
+                                    if keep == 0 {
+                                        *x = zero;
+                                    }
+                                }
                             }
                         }
                         // dq += dS k.
