@@ -54,12 +54,14 @@ fn bench(dev: &Device, window: usize, batch: usize, attention: AttentionKind) ->
             dev,
             &[batch, RESIDUES, CHANNELS],
             &rng.normal_vec(batch * RESIDUES * CHANNELS, 1.0),
-        )?,
+        )?
+        .into(),
         v: Tensor::from_slice(
             dev,
             &[batch, RESIDUES, 3, CHANNELS],
             &rng.normal_vec(batch * RESIDUES * 3 * CHANNELS, 1.0),
-        )?,
+        )?
+        .into(),
         ca: None,
         mask: None,
     };

@@ -29,6 +29,7 @@ use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A value recorded on a tape (index into it; valid until [`Tape::reset`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -312,7 +313,11 @@ impl Pool {
     }
 
     fn give(&mut self, t: Tensor<f32>) {
-        self.free.entry(t.len()).or_default().push(t);
+        // An alias (a shared input, a checkpointed segment's view of its inputs) is dropped:
+        // recycling it would let an op write into memory someone else reads.
+        if !t.is_shared() {
+            self.free.entry(t.len()).or_default().push(t);
+        }
     }
 }
 
@@ -466,6 +471,9 @@ pub struct Tape {
     grads: Vec<Option<Tensor<f32>>>,
     nodes: Vec<Node>,
     pool: Pool,
+    /// Caller-owned inputs recorded by [`Tape::input_shared`]: held until the next reset, so
+    /// nobody can write into them while the tape reads them.
+    held: Vec<Arc<Tensor<f32>>>,
     training: bool,
     seed: u64,
     step: u64,
@@ -483,6 +491,7 @@ impl Tape {
             grads: Vec::new(),
             nodes: Vec::new(),
             pool: Pool::default(),
+            held: Vec::new(),
             training: true,
             seed,
             step: 0,
@@ -545,6 +554,7 @@ impl Tape {
         }
         self.needs.clear();
         self.nodes.clear();
+        self.held.clear();
         self.step += 1;
         self.dropout_calls = 0;
     }
@@ -573,6 +583,15 @@ impl Tape {
     /// Records a value with no gradient (data).
     pub fn input(&mut self, t: Tensor<f32>) -> Result<Var> {
         self.push(t, false)
+    }
+
+    /// Records a caller-owned value with no gradient without copying it (a batch of inputs that
+    /// lives across steps): the tape reads it in place and holds the `Arc` until the next
+    /// [`Tape::reset`], so the caller cannot change it meanwhile.
+    pub fn input_shared(&mut self, t: &Arc<Tensor<f32>>) -> Result<Var> {
+        let v = self.push(t.alias(), false)?;
+        self.held.push(t.clone());
+        Ok(v)
     }
 
     /// Records a value whose gradient [`Tape::backward`] computes (read it with [`Tape::grad`]).
@@ -774,6 +793,7 @@ impl Tape {
             grads: Vec::new(),
             nodes: Vec::new(),
             pool: std::mem::take(&mut self.pool),
+            held: Vec::new(),
             training: self.training,
             seed: self.seed,
             step,
@@ -794,6 +814,12 @@ impl Tape {
         self.pool = nested.pool;
     }
 
+    /// Aliases of the values `vars`, for a nested tape that reads them while this tape holds
+    /// them (a checkpointed segment's inputs: no copy; the nested tape's pool drops them).
+    fn alias_values(&self, vars: &[Var]) -> Vec<Tensor<f32>> {
+        vars.iter().map(|v| self.vals[v.0].alias()).collect()
+    }
+
     /// Pool copies (device to device) of the values `vars`.
     fn copy_values(&mut self, vars: &[Var]) -> Result<Vec<Tensor<f32>>> {
         vars.iter()
@@ -807,7 +833,7 @@ impl Tape {
     }
 
     /// Records `forward` as one recomputed segment (activation checkpointing): it runs now on a
-    /// nested tape, only its outputs are kept, and [`Tape::backward`] runs it again from copies
+    /// nested tape, only its outputs are kept, and [`Tape::backward`] runs it again from views
     /// of `inputs` to back-propagate through it. `forward` must be a pure function of its
     /// inputs and the parameters (dropout is: the recomputation is put at the same position of
     /// the dropout stream, so it draws the same masks). Memory: the segment's intermediate
@@ -825,7 +851,7 @@ impl Tape {
             return forward(self, inputs);
         }
         let (step, dropout_calls) = (self.step, self.dropout_calls);
-        let copies = self.copy_values(inputs)?;
+        let copies = self.alias_values(inputs);
         let mut sub = self.nested(step, dropout_calls);
         let result = (|| -> Result<Vec<Tensor<f32>>> {
             let xs = copies
@@ -855,7 +881,7 @@ impl Tape {
         Ok(vars)
     }
 
-    /// The backward of a checkpointed segment: recompute it on a nested tape from copies of its
+    /// The backward of a checkpointed segment: recompute it on a nested tape from views of its
     /// inputs, back-propagate the output gradients `dys` through it, and hand the inputs'
     /// gradients to this tape (parameter gradients accumulate in the shared store).
     fn segment_backward(
@@ -866,7 +892,7 @@ impl Tape {
         dropout_calls: u64,
         dys: Vec<Tensor<f32>>,
     ) -> Result<()> {
-        let copies = self.copy_values(inputs)?;
+        let copies = self.alias_values(inputs);
         let needs: Vec<bool> = inputs.iter().map(|v| self.needs[v.0]).collect();
         let mut sub = self.nested(step, dropout_calls);
         let result = (|| -> Result<Vec<Option<Tensor<f32>>>> {

@@ -167,6 +167,21 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// A second handle on the same memory, for readers only. Crate-internal: the tape records
+    /// caller-owned inputs ([`crate::tape::Tape::input_shared`], behind an `Arc` the caller
+    /// cannot write through while the tape holds it) and a checkpointed segment's inputs this
+    /// way, and never writes into recorded values; the pool drops, never recycles, a tensor
+    /// whose memory is still shared ([`Tensor::is_shared`]).
+    pub(crate) fn alias(&self) -> Self {
+        Self::view(self.mem.clone(), self.offset, self.shape.clone())
+    }
+
+    /// Whether another tensor holds the same allocation (an alias, or another region of an
+    /// arena).
+    pub(crate) fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.mem) > 1
+    }
+
     /// The same memory under another shape with as many elements (consumes the tensor, so no
     /// two live tensors alias).
     pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {

@@ -103,8 +103,8 @@ impl Inputs {
 
     fn batch(&self, dev: &Device) -> Result<TokenBatch> {
         Ok(TokenBatch {
-            s: Tensor::from_slice(dev, &[self.b, self.r, self.h], &self.s)?,
-            v: Tensor::from_slice(dev, &[self.b, self.r, 3, self.h], &self.v)?,
+            s: Tensor::from_slice(dev, &[self.b, self.r, self.h], &self.s)?.into(),
+            v: Tensor::from_slice(dev, &[self.b, self.r, 3, self.h], &self.v)?.into(),
             ca: Some(self.ca.clone()),
             mask: self.mask.clone(),
         })

@@ -19,6 +19,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// `hiermd bench token`'s arguments (defaults: the ADK-sized target).
 #[derive(clap::Args, Debug, Clone)]
@@ -98,12 +99,16 @@ fn token_batch(
 ) -> Result<TokenBatch> {
     let r = chain.residues();
     Ok(TokenBatch {
-        s: Tensor::from_slice(dev, &[frames, r, h], &rng.normal_vec(frames * r * h, 1.0))?,
-        v: Tensor::from_slice(
+        s: Arc::new(Tensor::from_slice(
+            dev,
+            &[frames, r, h],
+            &rng.normal_vec(frames * r * h, 1.0),
+        )?),
+        v: Arc::new(Tensor::from_slice(
             dev,
             &[frames, r, 3, h],
             &rng.normal_vec(frames * r * 3 * h, 1.0),
-        )?,
+        )?),
         ca: Some(ProteinLike::frames(&chain.ca, frames, 0.5, rng)),
         mask: None,
     })

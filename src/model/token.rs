@@ -160,10 +160,11 @@ impl TokenModelConfig {
 
 /// One batch of frames as residue tokens.
 pub struct TokenBatch {
-    /// Scalar features `[B, R, Hin]`.
-    pub s: Tensor<f32>,
-    /// Vector features `[B, R, 3, Hin]`.
-    pub v: Tensor<f32>,
+    /// Scalar features `[B, R, Hin]`. Shared: on the tape's device the model reads them in place
+    /// ([`Tape::input_shared`]), without a copy.
+    pub s: Arc<Tensor<f32>>,
+    /// Vector features `[B, R, 3, Hin]` (shared, as `s`).
+    pub v: Arc<Tensor<f32>>,
     /// C-alpha positions `[B, R, 3]` in Angstrom (host), for the graph convolution.
     pub ca: Option<Vec<f32>>,
     /// Valid residues `[B, R]` (1) and padding (0), when frames of different sizes share a batch.
@@ -342,11 +343,8 @@ impl TokenModel {
     /// Runs the model on a batch, recording on `tape`. The input features need no gradient
     /// unless recorded with [`Tape::input_with_grad`] by [`TokenModel::forward_vars`].
     pub fn forward(&self, tape: &mut Tape, batch: &TokenBatch) -> Result<TokenOutput> {
-        let dev = tape.device().clone();
-        let s = copy_onto(tape, &batch.s, &dev)?;
-        let s = tape.input(s)?;
-        let v = copy_onto(tape, &batch.v, &dev)?;
-        let v = tape.input(v)?;
+        let s = record_input(tape, &batch.s)?;
+        let v = record_input(tape, &batch.v)?;
         self.forward_vars(tape, s, v, batch.ca.as_deref(), batch.mask.as_deref())
     }
 
@@ -380,38 +378,70 @@ impl TokenModel {
             );
         }
         let dev = tape.device().clone();
-        let (mut s, mut v) = self.embed.forward(tape, s, v)?;
-        if let Some(conv) = &self.graph {
-            let Some(ca) = ca else {
-                anyhow::bail!("token model: the residue graph convolution needs C-alpha positions");
-            };
-            ensure!(
-                ca.len() == b * r * 3,
-                "token model: {} C-alpha coordinates for {b} frames of {r} residues",
-                ca.len()
-            );
-            let g = ResidueGraph::build(ca, b, r, mask, c.graph_cutoff)?;
-            let dg = Arc::new(g.to_device(&dev)?);
-            let rbf = if matches!(c.graph_conv, Some(GraphConvKind::Gated)) {
-                let mut e = tape.alloc(&[g.edges(), c.graph_rbf])?;
-                edge_rbf_forward(dg.dist(), &mut e, c.graph_cutoff, c.graph_rbf)?;
-                Some(tape.input(e)?)
-            } else {
-                None
-            };
-            (s, v) = conv.forward(tape, s, v, &dg, rbf)?;
-        }
+        let graph = match &self.graph {
+            None => None,
+            Some(_) => {
+                let Some(ca) = ca else {
+                    anyhow::bail!(
+                        "token model: the residue graph convolution needs C-alpha positions"
+                    );
+                };
+                ensure!(
+                    ca.len() == b * r * 3,
+                    "token model: {} C-alpha coordinates for {b} frames of {r} residues",
+                    ca.len()
+                );
+                let g = ResidueGraph::build(ca, b, r, mask, c.graph_cutoff)?;
+                Some(Arc::new(g.to_device(&dev)?))
+            }
+        };
+        let residue_mask = match (&self.merger, mask) {
+            (Some(_), Some(m)) => Some(Arc::new(Tensor::from_slice(&dev, &[b, r], m)?)),
+            _ => None,
+        };
+        // The stem: embedding, graph convolution, window merging. Per residue it holds the
+        // largest activations of the model (w times those of the merged tokens), so training
+        // keeps only its merged outputs and recomputes it in the backward pass (as the blocks).
+        let stem = {
+            let (embed, conv, merger) =
+                (self.embed.clone(), self.graph.clone(), self.merger.clone());
+            let (rbf_k, cutoff) = (c.graph_rbf, c.graph_cutoff);
+            let gated = matches!(c.graph_conv, Some(GraphConvKind::Gated));
+            move |tape: &mut Tape, x: &[Var]| -> Result<Vec<Var>> {
+                let (mut s, mut v) = embed.forward(tape, x[0], x[1])?;
+                if let (Some(conv), Some(dg)) = (&conv, &graph) {
+                    let rbf = if gated {
+                        let mut e = tape.alloc(&[dg.edges(), rbf_k])?;
+                        edge_rbf_forward(dg.dist(), &mut e, cutoff, rbf_k)?;
+                        Some(tape.input(e)?)
+                    } else {
+                        None
+                    };
+                    (s, v) = conv.forward(tape, s, v, dg, rbf)?;
+                }
+                if let Some(merger) = &merger {
+                    // Padding residues hold embedding (and graph-root) biases of whatever their
+                    // inputs were: zero them so that a window mixing real and padding residues
+                    // sees only the real ones, and a frame's output does not depend on how far
+                    // it was padded.
+                    if let Some(m) = &residue_mask {
+                        s = tokens::token_mask(tape, s, m.clone())?;
+                        v = tokens::token_mask(tape, v, m.clone())?;
+                    }
+                    (s, v) = merger.forward(tape, s, v)?;
+                }
+                Ok(vec![s, v])
+            }
+        };
+        let checkpoint_stem = c.checkpoint && tape.training() && self.merger.is_some();
+        let out = if checkpoint_stem {
+            tape.checkpoint("stem", &[s, v], stem)?
+        } else {
+            stem(tape, &[s, v])?
+        };
+        let (mut s, mut v) = (out[0], out[1]);
         let mut token_mask = mask.map(<[u8]>::to_vec);
         if let Some(merger) = &self.merger {
-            // Padding residues hold embedding (and graph-root) biases of whatever their inputs
-            // were: zero them so that a window mixing real and padding residues sees only the
-            // real ones, and a frame's output does not depend on how far it was padded.
-            if let Some(m) = mask {
-                let m = Arc::new(Tensor::from_slice(&dev, &[b, r], m)?);
-                s = tokens::token_mask(tape, s, m.clone())?;
-                v = tokens::token_mask(tape, v, m)?;
-            }
-            (s, v) = merger.forward(tape, s, v)?;
             token_mask = token_mask.map(|m| merged_token_mask(&m, r, merger.w));
         }
         let t = self.tokens(r);
@@ -543,13 +573,12 @@ impl TokenModel {
     }
 }
 
-/// A copy of `t` in tape memory on `dev` (device to device when it is already there).
-fn copy_onto(tape: &mut Tape, t: &Tensor<f32>, dev: &Device) -> Result<Tensor<f32>> {
-    if t.device().same(dev) {
-        let mut c = tape.alloc(t.shape())?;
-        crate::ops::elementwise::scale(1.0, t, &mut c)?;
-        Ok(c)
+/// `t` as a tape input: read in place on the tape's device, else copied there.
+fn record_input(tape: &mut Tape, t: &Arc<Tensor<f32>>) -> Result<Var> {
+    if t.device().same(tape.device()) {
+        tape.input_shared(t)
     } else {
-        t.to_device(dev)
+        let c = t.to_device(tape.device())?;
+        tape.input(c)
     }
 }

@@ -215,13 +215,13 @@ static DQ_F32_KERNELS: [&Kernel; 4] = [
 // CPU twins: the same tiled algorithm, rayon over (bh, tile), each tile's products by the `gemm`
 // crate's SIMD kernels (single-threaded inside a rayon task).
 
-/// Queries per tile (a rayon task of the forward and of the dq pass; a step of the dk/dvalues
-/// pass).
+/// Queries per tile (a rayon task of the forward; a step of the backward).
 const CPU_QUERY_TILE: usize = 64;
-/// Keys per tile (a step of the forward and of the dq pass; a rayon task of the dk/dvalues pass).
-/// A tile of k and values (128 x 5 dh floats, 160 KB at dh = 64) stays in L2 while a query tile
-/// passes over it.
-const CPU_KEY_TILE: usize = 128;
+/// Keys per tile (a step of the forward, and of a key group of the backward). A tile of k and
+/// values (256 x 5 dh floats, 320 KB at dh = 64) stays in L2 while a query tile passes over it;
+/// the ADK-sized token model (214 tokens) takes all its keys in one tile, so the forward's
+/// online softmax never rescales there.
+const CPU_KEY_TILE: usize = 256;
 
 /// Dot product with eight interleaved partial sums, added in a fixed tree at the end: the
 /// compiler turns the lanes into SIMD, the order is fixed (deterministic), and the error grows
@@ -371,7 +371,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // n is in [-126, 127]: 2^n is a normal f32.
     let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
@@ -394,7 +394,8 @@ fn keep(mask_row: Option<&[u8]>, j: usize) -> bool {
 
 /// The forward of one tile of queries (`qs`: its rows of q; `out`, `lse`: its rows of the
 /// outputs) against all keys of its (frame, head), streamed in tiles of [`CPU_KEY_TILE`]:
-/// S = Q K^T by GEMM, the online softmax row by row, then acc = alpha acc + P V by GEMM.
+/// S = Q K^T by GEMM, the online softmax row by row ([`softmax_row`]), then
+/// acc = alpha acc + P V by GEMM. `s` is scratch (the task's, reused tile after tile).
 #[allow(clippy::too_many_arguments)] // the tile's operands
 fn forward_tile<R: EqsdpaReal>(
     qs: &[R],
@@ -405,53 +406,38 @@ fn forward_tile<R: EqsdpaReal>(
     scale: R,
     out: &mut [R],
     lse: &mut [R],
+    s: &mut Vec<R>,
 ) {
     let (t, dh, dv) = (d.t, d.dh, d.dv());
     let rows = lse.len();
     let zero = R::of(0.0);
-    let mut m = vec![-inf::<R>(); rows];
-    let mut l = vec![zero; rows];
-    let mut s = vec![zero; rows * CPU_KEY_TILE];
+    // Running maximum and sum per query, kept in lse's slots until the end (m) and in `l`.
+    let mut m = [-inf::<R>(); CPU_QUERY_TILE];
+    let mut l = [zero; CPU_QUERY_TILE];
+    s.resize(rows * CPU_KEY_TILE.min(t), zero);
     out.iter_mut().for_each(|o| *o = zero);
     for k0 in (0..t).step_by(CPU_KEY_TILE) {
         let kn = CPU_KEY_TILE.min(t - k0);
+        let s = &mut s[..rows * kn];
         // S = Q K^T: K's rows, read with swapped strides, are the columns of K^T.
         let kt = &kb[k0 * dh..][..kn * dh];
-        tile_gemm((rows, kn, dh), qs, (dh, 1), kt, (1, dh), &mut s, kn, false);
+        tile_gemm((rows, kn, dh), qs, (dh, 1), kt, (1, dh), s, kn, false);
+        let tile_mask = mask_row.map(|mr| &mr[k0..][..kn]);
         for r in 0..rows {
-            let srow = &mut s[r * kn..][..kn];
-            let mut tmax = -inf::<R>();
-            for (j, sj) in srow.iter_mut().enumerate() {
-                *sj = if keep(mask_row, k0 + j) {
-                    let v = scale * *sj;
-                    if v > tmax {
-                        tmax = v;
-                    }
-                    v
-                } else {
-                    -inf::<R>()
-                };
+            let alpha = row_kernels::softmax_row(
+                &mut s[r * kn..][..kn],
+                tile_mask,
+                scale,
+                &mut m[r],
+                &mut l[r],
+            );
+            if alpha != R::of(1.0) {
+                out[r * dv..][..dv].iter_mut().for_each(|a| *a = *a * alpha);
             }
-            let m_new = if tmax > m[r] { tmax } else { m[r] };
-            // A row that has seen only masked keys keeps m = -inf: exponents are taken against
-            // 0 instead, which gives P = 0 and alpha = 0, never exp(-inf - -inf) = NaN.
-            let m_use = if m_new == -inf::<R>() { zero } else { m_new };
-            let alpha = R::exp_fast(m[r] - m_use);
-            for sj in srow.iter_mut() {
-                // exp(-inf) = 0: a masked key's P is exactly 0.
-                *sj = R::exp_fast(*sj - m_use);
-            }
-            let mut tsum = zero;
-            for &sj in srow.iter() {
-                tsum = tsum + sj;
-            }
-            out[r * dv..][..dv].iter_mut().for_each(|a| *a = *a * alpha);
-            l[r] = l[r] * alpha + tsum;
-            m[r] = m_new;
         }
         // acc += P V (the tile's products summed apart, then added).
         let vt = &vb[k0 * dv..][..kn * dv];
-        tile_gemm((rows, dv, kn), &s, (kn, 1), vt, (dv, 1), out, dv, true);
+        tile_gemm((rows, dv, kn), s, (kn, 1), vt, (dv, 1), out, dv, true);
     }
     for r in 0..rows {
         let acc = &mut out[r * dv..][..dv];
@@ -466,8 +452,180 @@ fn forward_tile<R: EqsdpaReal>(
     }
 }
 
+/// The element loops of the CPU twin (one softmax row of the forward, one row of `P` and `dS`
+/// of the backward), compiled twice: for the target's baseline and, on x86-64 CPUs that have
+/// them, with AVX2 (8 floats a vector, where the baseline has 4). Both builds compute the same
+/// values bit for bit (no fused multiply-adds: LLVM does not contract `a * b + c`), so results
+/// do not depend on the machine's vector width. Sums and maxima run in 8 interleaved lanes
+/// added in a fixed tree: vectorised, and deterministic.
+mod row_kernels {
+    use super::{inf, EqsdpaReal};
+    use std::sync::OnceLock;
+
+    /// Whether this CPU runs the AVX2 build (asked once).
+    fn avx2() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                is_x86_feature_detected!("avx2")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                false
+            }
+        })
+    }
+
+    /// The maximum of `x` in eight lanes (`x > m` selects, so NaN never wins: as maxps).
+    #[inline(always)]
+    fn max8<R: EqsdpaReal>(x: &[R]) -> R {
+        let mut l = [-inf::<R>(); 8];
+        let n8 = x.len() / 8 * 8;
+        for c in x[..n8].chunks_exact(8) {
+            for i in 0..8 {
+                l[i] = if c[i] > l[i] { c[i] } else { l[i] };
+            }
+        }
+        let mut m = l[0];
+        for &v in l[1..].iter().chain(&x[n8..]) {
+            m = if v > m { v } else { m };
+        }
+        m
+    }
+
+    /// The sum of `x` in eight lanes, added in a fixed tree.
+    #[inline(always)]
+    fn sum8<R: EqsdpaReal>(x: &[R]) -> R {
+        let zero = R::of(0.0);
+        let mut l = [zero; 8];
+        let n8 = x.len() / 8 * 8;
+        for c in x[..n8].chunks_exact(8) {
+            for i in 0..8 {
+                l[i] = l[i] + c[i];
+            }
+        }
+        let mut s = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        for &v in &x[n8..] {
+            s = s + v;
+        }
+        s
+    }
+
+    #[inline(always)]
+    fn softmax_row_body<R: EqsdpaReal>(
+        s: &mut [R],
+        mask: Option<&[u8]>,
+        scale: R,
+        m: &mut R,
+        l: &mut R,
+    ) -> R {
+        let zero = R::of(0.0);
+        match mask {
+            // A masked key's score is -inf: its P is exactly 0.
+            Some(mk) => s.iter_mut().zip(mk).for_each(|(x, &k)| {
+                *x = if k != 0 { scale * *x } else { -inf::<R>() };
+            }),
+            None => s.iter_mut().for_each(|x| *x = scale * *x),
+        }
+        let tmax = max8(s);
+        let m_new = if tmax > *m { tmax } else { *m };
+        // A row that has seen only masked keys keeps m = -inf: exponents are taken against 0
+        // instead, which gives P = 0 and alpha = 0, never exp(-inf - -inf) = NaN.
+        let m_use = if m_new == -inf::<R>() { zero } else { m_new };
+        let alpha = R::exp_fast(*m - m_use);
+        s.iter_mut().for_each(|x| *x = R::exp_fast(*x - m_use));
+        *l = *l * alpha + sum8(s);
+        *m = m_new;
+        alpha
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn softmax_row_avx2<R: EqsdpaReal>(
+        s: &mut [R],
+        mask: Option<&[u8]>,
+        scale: R,
+        m: &mut R,
+        l: &mut R,
+    ) -> R {
+        softmax_row_body(s, mask, scale, m, l)
+    }
+
+    /// One row of the forward's online softmax over a key tile: scales the scores `s` in place
+    /// (masked keys to -inf), updates the running maximum `m` and sum `l`, leaves
+    /// `P = exp(scale s - m)` in `s`, and returns the factor `alpha` by which the row's
+    /// accumulator must be rescaled.
+    #[inline]
+    pub(super) fn softmax_row<R: EqsdpaReal>(
+        s: &mut [R],
+        mask: Option<&[u8]>,
+        scale: R,
+        m: &mut R,
+        l: &mut R,
+    ) -> R {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { softmax_row_avx2(s, mask, scale, m, l) };
+        }
+        softmax_row_body(s, mask, scale, m, l)
+    }
+
+    #[inline(always)]
+    fn p_ds_row_body<R: EqsdpaReal>(
+        s: &mut [R],
+        p: &mut [R],
+        dp: &[f64],
+        lse: &[R],
+        dsum: &[f64],
+        scale: R,
+    ) {
+        for i in 0..s.len() {
+            let pi = R::exp_diff(scale * s[i], lse[i]);
+            p[i] = pi;
+            s[i] = pi * R::of(dp[i] - dsum[i]);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn p_ds_row_avx2<R: EqsdpaReal>(
+        s: &mut [R],
+        p: &mut [R],
+        dp: &[f64],
+        lse: &[R],
+        dsum: &[f64],
+        scale: R,
+    ) {
+        p_ds_row_body(s, p, dp, lse, dsum, scale)
+    }
+
+    /// One key's row of the backward over a tile of queries: `P = exp(scale s - lse)` into `p`
+    /// and `dS = P (dP - D)` into `s` (all slices as long as the tile's queries; dP and D in
+    /// f64, their difference rounded once).
+    #[inline]
+    pub(super) fn p_ds_row<R: EqsdpaReal>(
+        s: &mut [R],
+        p: &mut [R],
+        dp: &[f64],
+        lse: &[R],
+        dsum: &[f64],
+        scale: R,
+    ) {
+        let n = s.len();
+        let (p, dp, lse, dsum) = (&mut p[..n], &dp[..n], &lse[..n], &dsum[..n]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { p_ds_row_avx2(s, p, dp, lse, dsum, scale) };
+        }
+        p_ds_row_body(s, p, dp, lse, dsum, scale)
+    }
+}
+
 /// CPU twin of [`eqsdpa_forward`]: the tiled online-softmax forward, rayon over (bh, tile of
-/// 64 queries). Slices as in the module docs; `mask` is `[frames, t]`.
+/// [`CPU_QUERY_TILE`] queries). Slices as in the module docs; `mask` is `[frames, t]`.
 #[allow(clippy::too_many_arguments)] // the op's operands
 pub fn eqsdpa_forward_host<R: EqsdpaReal>(
     q: &[R],
@@ -494,22 +652,106 @@ pub fn eqsdpa_forward_host<R: EqsdpaReal>(
             out.par_chunks_mut(CPU_QUERY_TILE * dv)
                 .zip(lse.par_chunks_mut(CPU_QUERY_TILE))
                 .enumerate()
-                .for_each(|(tile, (out, lse))| {
+                .for_each_init(Vec::new, |s, (tile, (out, lse))| {
                     let q0 = tile * CPU_QUERY_TILE;
                     let qs = &qb[q0 * dh..][..lse.len() * dh];
-                    forward_tile(qs, kb, vb, mask_row, dims, scale, out, lse);
+                    forward_tile(qs, kb, vb, mask_row, dims, scale, out, lse, s);
                 });
         });
 }
 
-/// CPU twin of [`eqsdpa_backward`] (FlashAttention-2): per (frame, head), dk and dvalues in a
-/// pass parallel over key tiles, each streaming every query tile past its keys, and dq in a pass
-/// parallel over query tiles, each streaming every key tile; both recompute
-/// `P = exp(scale q k - lse)` from GEMM scores. `dP - D` (see `cuda/eqsdpa.cu`) is formed here
-/// from `dP = dout values^T` by an f64 GEMM and `D = rowsum(dout out)` in f64, where the
-/// difference of the two loses nothing that matters to the f32 result even when attention is
-/// sharp; that costs f64 copies of values and dout (linear in T). Sums over queries (dk,
-/// dvalues) and keys (dq) are blocked per tile. Assigns dq, dk, dvalues.
+/// Key groups per (frame, head) in the CPU backward: each group of key tiles is one rayon task
+/// that writes its keys' dk and dvalues and its own partial dq, and the partial dq are then
+/// added in group order. Many pairs (training batches) give one group each: no partials at all.
+/// Few pairs with long sequences are split so that the pool has work. A function of the shape
+/// only, so results do not depend on the thread count.
+fn backward_key_groups(bh: usize, key_tiles: usize) -> usize {
+    (32 / bh.max(1)).clamp(1, key_tiles.max(1))
+}
+
+/// One (frame, head) pair's operands in the backward: q, k, values and dout in the working
+/// precision, values and dout also in f64 (for dP), the row log-sum-exps and `D` in f64.
+struct PairOperands<'a, R> {
+    q: &'a [R],
+    k: &'a [R],
+    dout: &'a [R],
+    v64: &'a [f64],
+    dout64: &'a [f64],
+    lse: &'a [R],
+    dsum: &'a [f64],
+}
+
+/// The backward of one group of key tiles (from key `k0`, as many as `dk` holds) against every
+/// query tile of its pair, in one pass (FlashAttention-2's dk/dvalues loop, with dq accumulated
+/// too): per (key tile, query tile), S^T = K Q^T and dP^T = V dout^T (f64) by GEMM,
+/// `P = exp(scale S - lse)` and `dS = P (dP - D)` row by row, then dvalues += P^T dout,
+/// dk += dS^T q and dq += dS K by GEMM. Assigns `dk`, `dvv` (the group's rows) and `dq` (the
+/// group's partial, unscaled: the caller sums groups and scales).
+#[allow(clippy::too_many_arguments)] // the pair's operands and the group's gradients
+fn backward_group<R: EqsdpaReal>(
+    op: &PairOperands<R>,
+    mask_row: Option<&[u8]>,
+    d: EqsdpaDims,
+    scale: R,
+    k0: usize,
+    (dq, dk, dvv): (&mut [R], &mut [R], &mut [R]),
+) {
+    let (t, dh, dv) = (d.t, d.dh, d.dv());
+    let (qb, kb, ob) = (op.q, op.k, op.dout);
+    let zero = R::of(0.0);
+    let tile = CPU_KEY_TILE * CPU_QUERY_TILE.min(t);
+    let (mut st, mut pt, mut dpt) = (vec![zero; tile], vec![zero; tile], vec![0.0f64; tile]);
+    dq.iter_mut().for_each(|x| *x = zero);
+    dk.iter_mut().for_each(|x| *x = zero);
+    dvv.iter_mut().for_each(|x| *x = zero);
+    let kn_all = dk.len() / dh;
+    for kt0 in (0..kn_all).step_by(CPU_KEY_TILE) {
+        let kn = CPU_KEY_TILE.min(kn_all - kt0);
+        let kabs = k0 + kt0;
+        let (kt, vt) = (&kb[kabs * dh..][..kn * dh], &op.v64[kabs * dv..][..kn * dv]);
+        let dk = &mut dk[kt0 * dh..][..kn * dh];
+        let dvv = &mut dvv[kt0 * dv..][..kn * dv];
+        for q0 in (0..t).step_by(CPU_QUERY_TILE) {
+            let rows = CPU_QUERY_TILE.min(t - q0);
+            let (st, pt, dpt) = (
+                &mut st[..kn * rows],
+                &mut pt[..kn * rows],
+                &mut dpt[..kn * rows],
+            );
+            let (qt, ot) = (&qb[q0 * dh..][..rows * dh], &ob[q0 * dv..][..rows * dv]);
+            // S^T (keys x queries) = K Q^T; dP^T = V dout^T.
+            tile_gemm((kn, rows, dh), kt, (dh, 1), qt, (1, dh), st, rows, false);
+            let o64 = &op.dout64[q0 * dv..][..rows * dv];
+            tile_gemm((kn, rows, dv), vt, (dv, 1), o64, (1, dv), dpt, rows, false);
+            let (lq, dq_sum) = (&op.lse[q0..][..rows], &op.dsum[q0..][..rows]);
+            for j in 0..kn {
+                let (p_row, s_row) = (&mut pt[j * rows..][..rows], &mut st[j * rows..][..rows]);
+                if !keep(mask_row, kabs + j) {
+                    p_row.iter_mut().for_each(|p| *p = zero);
+                    s_row.iter_mut().for_each(|x| *x = zero);
+                    continue;
+                }
+                row_kernels::p_ds_row(s_row, p_row, &dpt[j * rows..][..rows], lq, dq_sum, scale);
+            }
+            // dvalues += P^T dout; dk += dS^T q; dq += dS K (dS^T read with swapped strides).
+            tile_gemm((kn, dv, rows), pt, (rows, 1), ot, (dv, 1), dvv, dv, true);
+            tile_gemm((kn, dh, rows), st, (rows, 1), qt, (dh, 1), dk, dh, true);
+            let dqt = &mut dq[q0 * dh..][..rows * dh];
+            tile_gemm((rows, dh, kn), st, (1, rows), kt, (dh, 1), dqt, dh, true);
+        }
+        dk.iter_mut().for_each(|x| *x = scale * *x);
+    }
+}
+
+/// CPU twin of [`eqsdpa_backward`] (FlashAttention-2, one pass): per (frame, head), the keys
+/// in [`backward_key_groups`] groups, each a rayon task streaming every query tile past its
+/// key tiles ([`backward_group`]): dk and dvalues are complete per group, dq is the sum of the
+/// groups' partials, added in group order. `dP - D` (see `cuda/eqsdpa.cu`) is formed from
+/// `dP = dout values^T` by an f64 GEMM and `D = rowsum(dout out)` in f64: their difference
+/// loses nothing that matters to the f32 result even where attention is sharp (for one key,
+/// `out = values` and dS is 0 to f64 rounding), at the cost of f64 copies of values and dout
+/// (linear in T). Sums over queries (dk, dvalues) and keys (dq) are blocked per tile. Assigns
+/// dq, dk, dvalues.
 #[allow(clippy::too_many_arguments)] // the op's operands and gradients
 pub fn eqsdpa_backward_host<R: EqsdpaReal>(
     q: &[R],
@@ -529,136 +771,54 @@ pub fn eqsdpa_backward_host<R: EqsdpaReal>(
     if t == 0 || dims.bh == 0 {
         return;
     }
-    let zero = R::of(0.0);
+    let key_tiles = t.div_ceil(CPU_KEY_TILE);
+    let groups = backward_key_groups(dims.bh, key_tiles);
+    // Keys per group: whole key tiles, the last group shorter.
+    let group_keys = key_tiles.div_ceil(groups) * CPU_KEY_TILE;
+    let groups = t.div_ceil(group_keys);
     dq.par_chunks_mut(t * dh)
         .zip(dk.par_chunks_mut(t * dh))
         .zip(dvalues.par_chunks_mut(t * dv))
         .enumerate()
         .for_each(|(bh, ((dq, dk), dvv))| {
-            let qb = &q[bh * t * dh..][..t * dh];
-            let kb = &k[bh * t * dh..][..t * dh];
-            let vb = &values[bh * t * dv..][..t * dv];
-            let ob = &dout[bh * t * dv..][..t * dv];
-            let lb = &lse[bh * t..][..t];
-            let mask_row = mask.map(|m| &m[(bh / dims.heads) * t..][..t]);
-            let wide = |x: &[R]| x.par_iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
-            let (v64, o64) = (wide(vb), wide(ob));
-            let y64 = wide(&out[bh * t * dv..][..t * dv]);
-            let dsum: Vec<f64> = o64
-                .par_chunks(dv)
-                .zip(y64.par_chunks(dv))
-                .map(|(o, y)| dot(o, y))
+            let wide = |x: &[R]| x.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+            let g = &dout[bh * t * dv..][..t * dv];
+            let (v64, dout64) = (wide(&values[bh * t * dv..][..t * dv]), wide(g));
+            let ob = &out[bh * t * dv..][..t * dv];
+            let dsum: Vec<f64> = dout64
+                .chunks(dv)
+                .zip(ob.chunks(dv))
+                .map(|(g, o)| dot(g, &wide(o)))
                 .collect();
-            drop(y64);
-
-            // dk, dvalues: one task per key tile; S^T, P^T and dS^T are keys x queries.
-            dk.par_chunks_mut(CPU_KEY_TILE * dh)
-                .zip(dvv.par_chunks_mut(CPU_KEY_TILE * dv))
-                .enumerate()
-                .for_each(|(tile, (dk, dvv))| {
-                    let k0 = tile * CPU_KEY_TILE;
-                    let kn = dk.len() / dh;
-                    let (kt, vt) = (&kb[k0 * dh..][..kn * dh], &v64[k0 * dv..][..kn * dv]);
-                    let mut st = vec![zero; kn * CPU_QUERY_TILE];
-                    let mut pt = vec![zero; kn * CPU_QUERY_TILE];
-                    let mut dpt = vec![0.0f64; kn * CPU_QUERY_TILE];
-                    dk.iter_mut().for_each(|x| *x = zero);
-                    dvv.iter_mut().for_each(|x| *x = zero);
-                    for q0 in (0..t).step_by(CPU_QUERY_TILE) {
-                        let rows = CPU_QUERY_TILE.min(t - q0);
-                        let (qt, ot) = (&qb[q0 * dh..][..rows * dh], &ob[q0 * dv..][..rows * dv]);
-                        tile_gemm(
-                            (kn, rows, dh),
-                            kt,
-                            (dh, 1),
-                            qt,
-                            (1, dh),
-                            &mut st,
-                            rows,
-                            false,
-                        );
-                        let o64t = &o64[q0 * dv..][..rows * dv];
-                        tile_gemm(
-                            (kn, rows, dv),
-                            vt,
-                            (dv, 1),
-                            o64t,
-                            (1, dv),
-                            &mut dpt,
-                            rows,
-                            false,
-                        );
-                        let (lq, dq_sum) = (&lb[q0..][..rows], &dsum[q0..][..rows]);
-                        for j in 0..kn {
-                            let (p_row, s_row) =
-                                (&mut pt[j * rows..][..rows], &mut st[j * rows..][..rows]);
-                            if !keep(mask_row, k0 + j) {
-                                p_row.iter_mut().for_each(|p| *p = zero);
-                                s_row.iter_mut().for_each(|x| *x = zero);
-                                continue;
-                            }
-                            let dp_row = &dpt[j * rows..][..rows];
-                            // Branch-free over the queries: vectorises.
-                            for i in 0..rows {
-                                let p = R::exp_diff(scale * s_row[i], lq[i]);
-                                p_row[i] = p;
-                                s_row[i] = p * R::of(dp_row[i] - dq_sum[i]);
-                            }
-                        }
-                        // dvalues += P^T dout; dk += dS^T q.
-                        tile_gemm((kn, dv, rows), &pt, (rows, 1), ot, (dv, 1), dvv, dv, true);
-                        tile_gemm((kn, dh, rows), &st, (rows, 1), qt, (dh, 1), dk, dh, true);
-                    }
-                    dk.iter_mut().for_each(|x| *x = scale * *x);
-                });
-
-            // dq: one task per query tile; S, P and dS are queries x keys.
-            dq.par_chunks_mut(CPU_QUERY_TILE * dh)
-                .enumerate()
-                .for_each(|(tile, dq)| {
-                    let q0 = tile * CPU_QUERY_TILE;
-                    let rows = dq.len() / dh;
-                    let qt = &qb[q0 * dh..][..rows * dh];
-                    let o64t = &o64[q0 * dv..][..rows * dv];
-                    let mut s = vec![zero; rows * CPU_KEY_TILE];
-                    let mut dp = vec![0.0f64; rows * CPU_KEY_TILE];
-                    dq.iter_mut().for_each(|x| *x = zero);
-                    for k0 in (0..t).step_by(CPU_KEY_TILE) {
-                        let kn = CPU_KEY_TILE.min(t - k0);
-                        let (kt, vt) = (&kb[k0 * dh..][..kn * dh], &v64[k0 * dv..][..kn * dv]);
-                        tile_gemm((rows, kn, dh), qt, (dh, 1), kt, (1, dh), &mut s, kn, false);
-                        tile_gemm(
-                            (rows, kn, dv),
-                            o64t,
-                            (dv, 1),
-                            vt,
-                            (1, dv),
-                            &mut dp,
-                            kn,
-                            false,
-                        );
-                        for i in 0..rows {
-                            let (l, d) = (lb[q0 + i], dsum[q0 + i]);
-                            let s_row = &mut s[i * kn..][..kn];
-                            let dp_row = &dp[i * kn..][..kn];
-                            // Branch-free over the keys (masked ones are zeroed after).
-                            for j in 0..kn {
-                                let p = R::exp_diff(scale * s_row[j], l);
-                                s_row[j] = p * R::of(dp_row[j] - d);
-                            }
-                            if let Some(m) = mask_row {
-                                for (x, &keep) in s_row.iter_mut().zip(&m[k0..][..kn]) {
-                                    if keep == 0 {
-                                        *x = zero;
-                                    }
-                                }
-                            }
-                        }
-                        // dq += dS k.
-                        tile_gemm((rows, dh, kn), &s, (kn, 1), kt, (dh, 1), dq, dh, true);
-                    }
-                    dq.iter_mut().for_each(|x| *x = scale * *x);
-                });
+            let op = PairOperands {
+                q: &q[bh * t * dh..][..t * dh],
+                k: &k[bh * t * dh..][..t * dh],
+                dout: g,
+                v64: &v64,
+                dout64: &dout64,
+                lse: &lse[bh * t..][..t],
+                dsum: &dsum,
+            };
+            let mask_row = mask.map(|m| &m[(bh / dims.heads) * t..][..t]);
+            if groups == 1 {
+                backward_group(&op, mask_row, dims, scale, 0, (dq, dk, dvv));
+            } else {
+                let mut parts = vec![R::of(0.0); groups * t * dh];
+                parts
+                    .par_chunks_mut(t * dh)
+                    .zip(dk.par_chunks_mut(group_keys * dh))
+                    .zip(dvv.par_chunks_mut(group_keys * dv))
+                    .enumerate()
+                    .for_each(|(g, ((dqg, dk), dvv))| {
+                        let k0 = g * group_keys;
+                        backward_group(&op, mask_row, dims, scale, k0, (dqg, dk, dvv));
+                    });
+                dq.copy_from_slice(&parts[..t * dh]);
+                for part in parts[t * dh..].chunks(t * dh) {
+                    dq.iter_mut().zip(part).for_each(|(a, &b)| *a = *a + b);
+                }
+            }
+            dq.iter_mut().for_each(|x| *x = scale * *x);
         });
 }
 

@@ -4,11 +4,11 @@
 
 use super::config::{ObjectiveKind, RunConfig};
 use crate::model::atom::{AtomInputs, AtomModel, AtomModelConfig};
-use crate::model::{TokenBatch, TokenModel, TokenOutput};
+use crate::model::{TokenModel, TokenOutput};
 use crate::objectives::spib::SpibHead;
 use crate::store::{Dataset, FeatureStore};
 use crate::tape::{ParamStore, Tape};
-use crate::{Device, Tensor};
+use crate::Device;
 use anyhow::{ensure, Context, Result};
 use std::sync::Arc;
 
@@ -134,7 +134,6 @@ impl Network {
     pub fn encode(&self, tape: &mut Tape, frames: &[(usize, usize)]) -> Result<TokenOutput> {
         ensure!(!frames.is_empty(), "encode: no frames");
         let n = frames.len();
-        let dev = tape.device().clone();
         match &self.source {
             Source::Features(store) => {
                 let (r, h) = (store.tokens(), store.channels());
@@ -142,13 +141,13 @@ impl Network {
                 let mut v = vec![0f32; n * r * 3 * h];
                 let mut ca = store.has_ca().then(|| vec![0f32; n * r * 3]);
                 store.gather_batch(frames, &mut s, &mut v, ca.as_deref_mut())?;
-                let batch = TokenBatch {
-                    s: Tensor::from_slice(&dev, &[n, r, h], &s)?,
-                    v: Tensor::from_slice(&dev, &[n, r, 3, h], &v)?,
-                    ca,
-                    mask: None,
-                };
-                self.token.forward(tape, &batch)
+                // Straight into tape memory (recycled step after step), no second copy.
+                let mut st = tape.alloc(&[n, r, h])?;
+                st.copy_from_slice(&s)?;
+                let mut vt = tape.alloc(&[n, r, 3, h])?;
+                vt.copy_from_slice(&v)?;
+                let (s, v) = (tape.input(st)?, tape.input(vt)?);
+                self.token.forward_vars(tape, s, v, ca.as_deref(), None)
             }
             Source::Coordinates {
                 atom,
