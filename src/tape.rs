@@ -28,6 +28,7 @@ use crate::ops::elementwise;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -437,7 +438,7 @@ impl Ctx<'_> {
 type BackwardFn = Box<dyn FnOnce(&mut Ctx<'_>, &[&Tensor<f32>]) -> Result<()>>;
 
 /// The forward of a recomputed segment: inputs on a nested tape in, outputs out.
-type SegmentFn = Box<dyn Fn(&mut Tape, &[Var]) -> Result<Vec<Var>>>;
+type SegmentFn = Box<dyn Fn(&mut Tape, &[Var], Range<usize>) -> Result<Vec<Var>>>;
 
 /// How a node back-propagates.
 enum Backward {
@@ -451,6 +452,8 @@ enum Backward {
         /// same masks).
         step: u64,
         dropout_calls: u64,
+        /// Frames per chunk ([`Tape::checkpoint_frames`]), or None: the whole inputs at once.
+        chunk: Option<usize>,
     },
 }
 
@@ -773,8 +776,9 @@ impl Tape {
                     forward,
                     step,
                     dropout_calls,
+                    chunk,
                 } => self
-                    .segment_backward(&inputs, &forward, step, dropout_calls, dys)
+                    .segment_backward(&inputs, (&forward, step, dropout_calls, chunk), dys)
                     .with_context(|| format!("backward of checkpointed {}", node.op))?,
             }
         }
@@ -846,25 +850,138 @@ impl Tape {
         inputs: &[Var],
         forward: impl Fn(&mut Tape, &[Var]) -> Result<Vec<Var>> + 'static,
     ) -> Result<Vec<Var>> {
+        self.segment(op, inputs, None, Box::new(move |t, x, _| forward(t, x)))
+    }
+
+    /// As [`Tape::checkpoint`] for a segment that treats frames (the first dimension of every
+    /// input and output) independently: forward and recomputation run `frames` frames at a
+    /// time, so the segment's intermediate values exist for one chunk at once, not the batch.
+    /// `forward` gets the chunk's inputs and its frame range (to pick per-frame data such as a
+    /// graph); it must not draw dropout when the batch takes more than one chunk (every chunk
+    /// would start at the same point of the dropout stream: an error says so). Parameter
+    /// gradients are summed chunk by chunk in frame order: deterministic, and equal to the
+    /// unchunked ones to f32 rounding (bit for bit when one chunk holds the batch).
+    pub fn checkpoint_frames(
+        &mut self,
+        op: &'static str,
+        inputs: &[Var],
+        frames: usize,
+        forward: impl Fn(&mut Tape, &[Var], Range<usize>) -> Result<Vec<Var>> + 'static,
+    ) -> Result<Vec<Var>> {
+        ensure!(frames > 0, "checkpointed {op}: chunks of 0 frames");
+        self.segment(op, inputs, Some(frames), Box::new(forward))
+    }
+
+    /// The frame ranges a segment runs in: the whole batch (`chunk` None: one run over the
+    /// inputs as they are), else chunks of `chunk` frames of the inputs' first dimension.
+    fn segment_chunks(
+        &self,
+        op: &str,
+        inputs: &[Var],
+        chunk: Option<usize>,
+    ) -> Result<Vec<Range<usize>>> {
+        let frames = |v: &Var| self.vals[v.0].shape().first().copied().unwrap_or(1);
+        let b = inputs.first().map(frames).unwrap_or(1);
+        let Some(chunk) = chunk else {
+            return Ok(vec![0..b]);
+        };
+        ensure!(
+            !inputs.is_empty() && inputs.iter().all(|v| frames(v) == b),
+            "checkpointed {op}: inputs {:?} do not share a first (frame) dimension",
+            inputs
+                .iter()
+                .map(|v| self.shape(*v).to_vec())
+                .collect::<Vec<_>>()
+        );
+        Ok((0..b)
+            .step_by(chunk)
+            .map(|f0| f0..(f0 + chunk).min(b))
+            .collect())
+    }
+
+    /// Views of the values `vars` for a nested tape: whole, or frames `range` of each.
+    fn segment_inputs(&self, vars: &[Var], range: Option<&Range<usize>>) -> Vec<Tensor<f32>> {
+        match range {
+            None => self.alias_values(vars),
+            Some(r) => vars
+                .iter()
+                .map(|v| self.vals[v.0].frames(r.start, r.end))
+                .collect(),
+        }
+    }
+
+    fn segment(
+        &mut self,
+        op: &'static str,
+        inputs: &[Var],
+        chunk: Option<usize>,
+        forward: SegmentFn,
+    ) -> Result<Vec<Var>> {
         let needs = inputs.iter().any(|v| self.needs[v.0]) || self.params.frozen.iter().any(|f| !f);
         if !needs {
-            return forward(self, inputs);
+            let frames = match inputs.first() {
+                Some(v) if chunk.is_some() => self.shape(*v).first().copied().unwrap_or(1),
+                _ => 1,
+            };
+            return forward(self, inputs, 0..frames);
         }
+        let chunks = self.segment_chunks(op, inputs, chunk)?;
+        let sliced = chunk.is_some();
         let (step, dropout_calls) = (self.step, self.dropout_calls);
-        let copies = self.alias_values(inputs);
-        let mut sub = self.nested(step, dropout_calls);
-        let result = (|| -> Result<Vec<Tensor<f32>>> {
-            let xs = copies
-                .into_iter()
-                .map(|t| sub.input(t))
-                .collect::<Result<Vec<_>>>()?;
-            let outs = forward(&mut sub, &xs)?;
-            sub.copy_values(&outs)
-        })();
-        self.dropout_calls = sub.dropout_calls;
-        self.restore(sub);
-        let outs = result.with_context(|| format!("checkpointed {op}"))?;
-        let vars: Vec<Var> = outs
+        let mut full: Vec<Tensor<f32>> = Vec::new();
+        for range in &chunks {
+            let views = self.segment_inputs(inputs, sliced.then_some(range));
+            let mut sub = self.nested(step, dropout_calls);
+            let result = (|| -> Result<()> {
+                let xs = views
+                    .into_iter()
+                    .map(|t| sub.input(t))
+                    .collect::<Result<Vec<_>>>()?;
+                let outs = forward(&mut sub, &xs, range.clone())?;
+                ensure!(
+                    chunks.len() == 1 || sub.dropout_calls == dropout_calls,
+                    "a segment run in chunks of frames must not draw dropout"
+                );
+                if !sliced {
+                    full = sub.copy_values(&outs)?;
+                    return Ok(());
+                }
+                if full.is_empty() {
+                    // The whole batch's outputs, filled chunk by chunk.
+                    let b = chunks.last().map_or(0, |r| r.end);
+                    for o in &outs {
+                        let mut shape = sub.shape(*o).to_vec();
+                        ensure!(
+                            !shape.is_empty() && shape[0] == range.len(),
+                            "output {shape:?} of a chunk of {} frames",
+                            range.len()
+                        );
+                        shape[0] = b;
+                        full.push(sub.alloc(&shape)?);
+                    }
+                }
+                ensure!(
+                    outs.len() == full.len(),
+                    "chunks gave different output counts"
+                );
+                for (o, f) in outs.iter().zip(&full) {
+                    let mut dst = f.frames(range.start, range.end);
+                    let src = &sub.vals[o.0];
+                    ensure!(
+                        src.shape() == dst.shape(),
+                        "chunk output {:?}, expected {:?}",
+                        src.shape(),
+                        dst.shape()
+                    );
+                    elementwise::scale(1.0, src, &mut dst)?;
+                }
+                Ok(())
+            })();
+            self.dropout_calls = sub.dropout_calls;
+            self.restore(sub);
+            result.with_context(|| format!("checkpointed {op} (frames {range:?})"))?;
+        }
+        let vars: Vec<Var> = full
             .into_iter()
             .map(|t| self.push(t, true))
             .collect::<Result<_>>()?;
@@ -873,69 +990,118 @@ impl Tape {
             outputs: vars.clone(),
             backward: Backward::Segment {
                 inputs: inputs.to_vec(),
-                forward: Box::new(forward),
+                forward,
                 step,
                 dropout_calls,
+                chunk,
             },
         });
         Ok(vars)
     }
 
-    /// The backward of a checkpointed segment: recompute it on a nested tape from views of its
-    /// inputs, back-propagate the output gradients `dys` through it, and hand the inputs'
-    /// gradients to this tape (parameter gradients accumulate in the shared store).
+    /// The backward of a checkpointed segment: recompute it (chunk by chunk) on a nested tape
+    /// from views of its inputs, back-propagate the output gradients `dys` through it, and hand
+    /// the inputs' gradients to this tape (parameter gradients accumulate in the shared store).
     fn segment_backward(
         &mut self,
         inputs: &[Var],
-        forward: &SegmentFn,
-        step: u64,
-        dropout_calls: u64,
+        seg: (&SegmentFn, u64, u64, Option<usize>),
         dys: Vec<Tensor<f32>>,
     ) -> Result<()> {
-        let copies = self.alias_values(inputs);
+        let mut dys: Vec<Option<Tensor<f32>>> = dys.into_iter().map(Some).collect();
+        let (forward, step, dropout_calls, chunk) = seg;
+        let chunks = self.segment_chunks("segment", inputs, chunk)?;
+        let sliced = chunk.is_some();
         let needs: Vec<bool> = inputs.iter().map(|v| self.needs[v.0]).collect();
-        let mut sub = self.nested(step, dropout_calls);
-        let result = (|| -> Result<Vec<Option<Tensor<f32>>>> {
-            let xs = copies
-                .into_iter()
-                .zip(&needs)
-                .map(|(t, &n)| {
-                    if n {
-                        sub.input_with_grad(t)
+        // Input gradients of the whole batch (sliced), or as the one run hands them over.
+        let mut dxs: Vec<Option<Tensor<f32>>> = inputs.iter().map(|_| None).collect();
+        for range in &chunks {
+            let views = self.segment_inputs(inputs, sliced.then_some(range));
+            let mut sub = self.nested(step, dropout_calls);
+            let result = (|| -> Result<()> {
+                let xs = views
+                    .into_iter()
+                    .zip(&needs)
+                    .map(|(t, &n)| {
+                        if n {
+                            sub.input_with_grad(t)
+                        } else {
+                            sub.input(t)
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let outs = forward(&mut sub, &xs, range.clone())?;
+                ensure!(
+                    outs.len() == dys.len(),
+                    "the recomputation gave {} outputs, the first run {}",
+                    outs.len(),
+                    dys.len()
+                );
+                let mut any = false;
+                for (o, g) in outs.iter().zip(dys.iter_mut()) {
+                    if !sub.needs[o.0] {
+                        continue;
+                    }
+                    any = true;
+                    let mine = if sliced {
+                        // The chunk's rows of the output gradient, in the nested tape's memory.
+                        let mut mine = sub.pool.take(&sub.device, sub.vals[o.0].shape())?;
+                        let g = g.as_ref().context("output gradient already used")?;
+                        let src = g.frames(range.start, range.end);
+                        ensure!(
+                            src.shape() == mine.shape(),
+                            "output gradient {:?} for a recomputed output {:?}",
+                            src.shape(),
+                            mine.shape()
+                        );
+                        elementwise::scale(1.0, &src, &mut mine)?;
+                        mine
                     } else {
-                        sub.input(t)
+                        g.take().context("output gradient already used")?
+                    };
+                    match &mut sub.grads[o.0] {
+                        Some(acc) => {
+                            elementwise::accumulate(1.0, &mine, acc)?;
+                            sub.pool.give(mine);
+                        }
+                        None => sub.grads[o.0] = Some(mine),
                     }
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let outs = forward(&mut sub, &xs)?;
-            ensure!(
-                outs.len() == dys.len(),
-                "the recomputation gave {} outputs, the first run {}",
-                outs.len(),
-                dys.len()
-            );
-            let mut any = false;
-            for (o, g) in outs.iter().zip(dys) {
-                if !sub.needs[o.0] {
-                    sub.pool.give(g);
-                    continue;
                 }
-                any = true;
-                match &mut sub.grads[o.0] {
-                    Some(acc) => {
-                        elementwise::accumulate(1.0, &g, acc)?;
-                        sub.pool.give(g);
+                if any {
+                    sub.run_backward()?;
+                }
+                for (i, x) in xs.iter().enumerate() {
+                    if !needs[i] {
+                        continue;
                     }
-                    None => sub.grads[o.0] = Some(g),
+                    let g = sub.grads[x.0].take();
+                    if !sliced {
+                        dxs[i] = g;
+                        continue;
+                    }
+                    if dxs[i].is_none() {
+                        let whole = self.vals[inputs[i].0].shape().to_vec();
+                        dxs[i] = Some(sub.pool.take(&sub.device, &whole)?);
+                    }
+                    let full = dxs[i].as_ref().context("input gradient")?;
+                    let mut dst = full.frames(range.start, range.end);
+                    match g {
+                        Some(g) => {
+                            elementwise::scale(1.0, &g, &mut dst)?;
+                            sub.pool.give(g);
+                        }
+                        None => dst.fill_bytes(0)?,
+                    }
                 }
-            }
-            if any {
-                sub.run_backward()?;
-            }
-            Ok(xs.iter().map(|x| sub.grads[x.0].take()).collect())
-        })();
-        self.restore(sub);
-        for (v, g) in inputs.iter().zip(result?) {
+                Ok(())
+            })();
+            self.restore(sub);
+            result.with_context(|| format!("frames {range:?}"))?;
+        }
+        for g in dys.into_iter().flatten() {
+            self.pool.give(g);
+        }
+        for (v, g) in inputs.iter().zip(dxs) {
             let Some(g) = g else { continue };
             if !self.needs[v.0] {
                 self.pool.give(g);

@@ -176,6 +176,29 @@ impl<T: Element> Tensor<T> {
         Self::view(self.mem.clone(), self.offset, self.shape.clone())
     }
 
+    /// A view of rows `f0..f1` of the first dimension (frames), sharing the memory: the
+    /// crate's checkpointed segments read chunks of their inputs and write chunks of their
+    /// outputs through these (see [`Tensor::alias`]).
+    pub(crate) fn frames(&self, f0: usize, f1: usize) -> Self {
+        let b = self.shape.first().copied().unwrap_or(1);
+        assert!(
+            f0 <= f1 && f1 <= b,
+            "frames {f0}..{f1} of a tensor of shape {:?}",
+            self.shape
+        );
+        let row = if b == 0 { 0 } else { self.len() / b };
+        let mut shape = self.shape.clone();
+        if shape.is_empty() {
+            shape.push(1);
+        }
+        shape[0] = f1 - f0;
+        Self::view(
+            self.mem.clone(),
+            self.offset + f0 * row * size_of::<T>(),
+            shape,
+        )
+    }
+
     /// Whether another tensor holds the same allocation (an alias, or another region of an
     /// arena).
     pub(crate) fn is_shared(&self) -> bool {

@@ -6,7 +6,7 @@ use anyhow::{ensure, Context, Result};
 use hiermd::model::{TokenBatch, TokenModel, TokenModelConfig};
 use hiermd::nn::layers::{GraphConvKind, Linear};
 use hiermd::optim::{OptimConfig, Optimizer};
-use hiermd::tape::{Init, ParamStore, Tape};
+use hiermd::tape::{Init, ParamStore, Tape, Var};
 use hiermd::testing::{assert_close, Rng};
 use hiermd::{device_test, Device, Tensor};
 
@@ -839,6 +839,158 @@ device_test!(padding_does_not_leak_into_merged_windows, |dev| {
             &want,
             1e-5,
             1e-5,
+        )?;
+    }
+    Ok(())
+});
+
+/// `L = sum(w * silu(W2 silu(W1 x + b1)))` over frames of `x [B, 2, 5]`, either plain or as a
+/// segment checkpointed in chunks of `chunk` frames; returns (L's output, dL/dx, dL/dW1, dL/dW2).
+fn chunked_segment_run(
+    dev: &Device,
+    x0: &[f32],
+    w: &[f32],
+    chunk: Option<usize>,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let b = x0.len() / 10;
+    let mut ps = ParamStore::new(dev, 7);
+    let l1 = Linear::new(&mut ps, "l1", 5, 6, true)?;
+    let l2 = Linear::new(&mut ps, "l2", 6, 3, false)?;
+    let mut tape = Tape::new(ps, 1);
+    tape.set_poison(true);
+    let x = tape.input_with_grad(Tensor::from_slice(dev, &[b, 2, 5], x0)?)?;
+    let (a, c) = (l1.clone(), l2.clone());
+    let body =
+        move |t: &mut Tape, xs: &[Var], frames: std::ops::Range<usize>| -> Result<Vec<Var>> {
+            ensure!(
+                t.shape(xs[0])[0] == frames.len(),
+                "chunk shape and frame range disagree"
+            );
+            let h = a.forward(t, xs[0])?;
+            let h = hiermd::nn::silu(t, h)?;
+            let y = c.forward(t, h)?;
+            Ok(vec![hiermd::nn::silu(t, y)?])
+        };
+    let y = match chunk {
+        Some(n) => tape.checkpoint_frames("chunked", &[x], n, body)?[0],
+        None => body(&mut tape, &[x], 0..b)?[0],
+    };
+    ensure!(
+        tape.shape(y) == [b, 2, 3],
+        "output shape {:?}",
+        tape.shape(y)
+    );
+    let out = tape.value(y).to_vec()?;
+    tape.backward(y, Tensor::from_slice(dev, &[b, 2, 3], w)?)?;
+    let gx = tape.grad(x).context("no gradient for x")?.to_vec()?;
+    let ps = tape.params();
+    Ok((out, gx, ps.grad(l1.w).to_vec()?, ps.grad(l2.w).to_vec()?))
+}
+
+// A segment checkpointed in chunks of frames gives the plain run's outputs and gradients (input
+// and parameter) to f32 rounding, whatever the chunk (1 frame, uneven, larger than the batch),
+// and refuses a segment that draws dropout in more than one chunk.
+device_test!(frame_chunked_checkpoint_matches_the_plain_run, |dev| {
+    let mut rng = Rng::for_test("frame_chunked_checkpoint_matches_the_plain_run");
+    let b = 7;
+    let x0 = rng.normal_vec(b * 10, 1.0);
+    let w = rng.normal_vec(b * 6, 1.0);
+    let (y, gx, g1, g2) = chunked_segment_run(dev, &x0, &w, None)?;
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    for chunk in [1, 3, 7, 100] {
+        let (yc, gxc, g1c, g2c) = chunked_segment_run(dev, &x0, &w, Some(chunk))?;
+        assert_close(
+            &format!("output, chunks of {chunk}"),
+            &yc,
+            &to64(&y),
+            1e-6,
+            1e-5,
+        )?;
+        assert_close(
+            &format!("dL/dx, chunks of {chunk}"),
+            &gxc,
+            &to64(&gx),
+            1e-6,
+            1e-5,
+        )?;
+        assert_close(
+            &format!("dL/dW1, chunks of {chunk}"),
+            &g1c,
+            &to64(&g1),
+            1e-6,
+            1e-5,
+        )?;
+        assert_close(
+            &format!("dL/dW2, chunks of {chunk}"),
+            &g2c,
+            &to64(&g2),
+            1e-6,
+            1e-5,
+        )?;
+    }
+    // Dropout in a segment run in several chunks would repeat its masks: an error.
+    let mut tape = Tape::new(ParamStore::new(dev, 1), 1);
+    let mut ps = ParamStore::new(dev, 7);
+    let l1 = Linear::new(&mut ps, "l1", 5, 6, true)?;
+    *tape.params_mut() = ps;
+    tape.set_training(true);
+    let x = tape.input(Tensor::from_slice(dev, &[b, 2, 5], &x0)?)?;
+    let err = tape
+        .checkpoint_frames("with dropout", &[x], 2, move |t, xs, _| {
+            let h = l1.forward(t, xs[0])?;
+            Ok(vec![hiermd::nn::dropout(t, h, 0.5, 1)?])
+        })
+        .err()
+        .context("a multi-chunk segment drawing dropout was accepted")?;
+    ensure!(
+        format!("{err:#}").contains("must not draw dropout"),
+        "unexpected error: {err:#}"
+    );
+    Ok(())
+});
+
+// The checkpointed stem runs in chunks of STEM_CHUNK frames: with more frames than that, the
+// model's outputs and gradients (parameters and input tokens) equal the unchecked run's to f32
+// rounding, with windows, padding masks and the gated graph convolution on.
+device_test!(chunked_stem_matches_the_plain_stem, |dev| {
+    let mut rng = Rng::for_test("chunked_stem_matches_the_plain_stem");
+    let mut config = small_config(Some(GraphConvKind::Gated), 3, 0.0);
+    config.blocks = 1;
+    // Emu runs every GPU thread as a fiber: keep its batch just over one chunk.
+    let frames = hiermd::model::token::STEM_CHUNK + 5;
+    let inputs = Inputs::random(&mut rng, frames, 10, config.input_channels, true);
+    let w = rng.normal_vec(frames * config.output, 1.0);
+    let mut results = Vec::new();
+    for checkpoint in [false, true] {
+        let mut c = config.clone();
+        c.checkpoint = checkpoint;
+        let (model, mut tape) = model_on(dev, c)?;
+        tape.set_training(true);
+        let b = inputs.batch(dev)?;
+        let s = tape.input_with_grad(b.s.to_device(dev)?)?;
+        let v = tape.input_with_grad(b.v.to_device(dev)?)?;
+        let out = model.forward_vars(&mut tape, s, v, b.ca.as_deref(), b.mask.as_deref())?;
+        let y = tape.value(out.out).to_vec()?;
+        tape.backward(out.out, Tensor::from_slice(dev, tape.shape(out.out), &w)?)?;
+        let ps = tape.params();
+        let mut grads: Vec<Vec<f32>> = (0..ps.len())
+            .map(|i| ps.grad(ps.id(&ps.names()[i]).unwrap()).to_vec())
+            .collect::<Result<_>>()?;
+        grads.push(tape.grad(s).context("no gradient for s")?.to_vec()?);
+        grads.push(tape.grad(v).context("no gradient for v")?.to_vec()?);
+        results.push((y, grads));
+    }
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let ((y0, g0), (y1, g1)) = (&results[0], &results[1]);
+    assert_close("outputs, chunked stem", y1, &to64(y0), 1e-6, 1e-5)?;
+    for (i, (a, b)) in g0.iter().zip(g1).enumerate() {
+        let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+        assert_close(
+            &format!("gradient {i}, chunked stem"),
+            b,
+            &to64(a),
+            1e-5 * scale + 1e-7,
+            1e-4,
         )?;
     }
     Ok(())

@@ -25,6 +25,7 @@ use crate::tensor::Tensor;
 use crate::Device;
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -157,6 +158,11 @@ impl TokenModelConfig {
         Ok(())
     }
 }
+
+/// Frames per chunk of the checkpointed stem in training ([`Tape::checkpoint_frames`]): at
+/// 214 residues, 32 frames of embedded and merged features and their gradients are ~30 MB,
+/// and the stem's GEMMs still have thousands of rows.
+pub const STEM_CHUNK: usize = 32;
 
 /// One batch of frames as residue tokens.
 pub struct TokenBatch {
@@ -377,39 +383,36 @@ impl TokenModel {
                 m.len()
             );
         }
-        let dev = tape.device().clone();
-        let graph = match &self.graph {
-            None => None,
-            Some(_) => {
-                let Some(ca) = ca else {
-                    anyhow::bail!(
-                        "token model: the residue graph convolution needs C-alpha positions"
-                    );
-                };
-                ensure!(
-                    ca.len() == b * r * 3,
-                    "token model: {} C-alpha coordinates for {b} frames of {r} residues",
-                    ca.len()
-                );
-                let g = ResidueGraph::build(ca, b, r, mask, c.graph_cutoff)?;
-                Some(Arc::new(g.to_device(&dev)?))
-            }
-        };
-        let residue_mask = match (&self.merger, mask) {
-            (Some(_), Some(m)) => Some(Arc::new(Tensor::from_slice(&dev, &[b, r], m)?)),
-            _ => None,
-        };
-        // The stem: embedding, graph convolution, window merging. Per residue it holds the
-        // largest activations of the model (w times those of the merged tokens), so training
-        // keeps only its merged outputs and recomputes it in the backward pass (as the blocks).
+        if self.graph.is_some() {
+            let Some(ca) = ca else {
+                anyhow::bail!("token model: the residue graph convolution needs C-alpha positions");
+            };
+            ensure!(
+                ca.len() == b * r * 3,
+                "token model: {} C-alpha coordinates for {b} frames of {r} residues",
+                ca.len()
+            );
+        }
+        // The stem: embedding, graph convolution, window merging, frame by frame. Per residue
+        // it holds the largest activations of the model (w times those of the merged tokens),
+        // so training keeps only its merged outputs and recomputes it in the backward pass,
+        // STEM_CHUNK frames at a time: its intermediate values exist for one chunk at once.
         let stem = {
             let (embed, conv, merger) =
                 (self.embed.clone(), self.graph.clone(), self.merger.clone());
             let (rbf_k, cutoff) = (c.graph_rbf, c.graph_cutoff);
             let gated = matches!(c.graph_conv, Some(GraphConvKind::Gated));
-            move |tape: &mut Tape, x: &[Var]| -> Result<Vec<Var>> {
+            let ca = conv.as_ref().and(ca).map(<[f32]>::to_vec);
+            let mask = mask.map(<[u8]>::to_vec);
+            move |tape: &mut Tape, x: &[Var], frames: Range<usize>| -> Result<Vec<Var>> {
+                let nb = frames.len();
+                let dev = tape.device().clone();
+                let mask = mask.as_ref().map(|m| &m[frames.start * r..frames.end * r]);
                 let (mut s, mut v) = embed.forward(tape, x[0], x[1])?;
-                if let (Some(conv), Some(dg)) = (&conv, &graph) {
+                if let (Some(conv), Some(ca)) = (&conv, &ca) {
+                    let ca = &ca[frames.start * r * 3..frames.end * r * 3];
+                    let g = ResidueGraph::build(ca, nb, r, mask, cutoff)?;
+                    let dg = Arc::new(g.to_device(&dev)?);
                     let rbf = if gated {
                         let mut e = tape.alloc(&[dg.edges(), rbf_k])?;
                         edge_rbf_forward(dg.dist(), &mut e, cutoff, rbf_k)?;
@@ -417,16 +420,17 @@ impl TokenModel {
                     } else {
                         None
                     };
-                    (s, v) = conv.forward(tape, s, v, dg, rbf)?;
+                    (s, v) = conv.forward(tape, s, v, &dg, rbf)?;
                 }
                 if let Some(merger) = &merger {
                     // Padding residues hold embedding (and graph-root) biases of whatever their
                     // inputs were: zero them so that a window mixing real and padding residues
                     // sees only the real ones, and a frame's output does not depend on how far
                     // it was padded.
-                    if let Some(m) = &residue_mask {
+                    if let Some(m) = mask {
+                        let m = Arc::new(Tensor::from_slice(&dev, &[nb, r], m)?);
                         s = tokens::token_mask(tape, s, m.clone())?;
-                        v = tokens::token_mask(tape, v, m.clone())?;
+                        v = tokens::token_mask(tape, v, m)?;
                     }
                     (s, v) = merger.forward(tape, s, v)?;
                 }
@@ -435,9 +439,9 @@ impl TokenModel {
         };
         let checkpoint_stem = c.checkpoint && tape.training() && self.merger.is_some();
         let out = if checkpoint_stem {
-            tape.checkpoint("stem", &[s, v], stem)?
+            tape.checkpoint_frames("stem", &[s, v], STEM_CHUNK, stem)?
         } else {
-            stem(tape, &[s, v])?
+            stem(tape, &[s, v], 0..b)?
         };
         let (mut s, mut v) = (out[0], out[1]);
         let mut token_mask = mask.map(<[u8]>::to_vec);
@@ -445,6 +449,7 @@ impl TokenModel {
             token_mask = token_mask.map(|m| merged_token_mask(&m, r, merger.w));
         }
         let t = self.tokens(r);
+        let dev = tape.device().clone();
         let mask_t = token_mask
             .map(|m| Tensor::from_slice(&dev, &[b, t], &m).map(Arc::new))
             .transpose()?;

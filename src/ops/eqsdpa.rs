@@ -364,7 +364,8 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (|x log2 e| < 2^22).
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let rounded = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = rounded - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -373,8 +374,11 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    // n is in [-126, 127]: 2^n is a normal f32.
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n is in [-126, 127]: 2^n is a normal f32. Its exponent field is built from the bits of
+    // `rounded` = 1.5 * 2^23 + n, whose low mantissa bits hold n (the high bits of the sum
+    // shift out): integer ops only, so the loops over a row vectorise (`n as i32` would not,
+    // for its saturating NaN semantics).
+    let two_n = f32::from_bits(rounded.to_bits().wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else {
@@ -453,26 +457,30 @@ fn forward_tile<R: EqsdpaReal>(
 }
 
 /// The element loops of the CPU twin (one softmax row of the forward, one row of `P` and `dS`
-/// of the backward), compiled twice: for the target's baseline and, on x86-64 CPUs that have
-/// them, with AVX2 (8 floats a vector, where the baseline has 4). Both builds compute the same
-/// values bit for bit (no fused multiply-adds: LLVM does not contract `a * b + c`), so results
-/// do not depend on the machine's vector width. Sums and maxima run in 8 interleaved lanes
+/// of the backward), compiled three times: for the target's baseline and, on x86-64 CPUs that
+/// have them, with AVX2 (8 floats a vector, where the baseline has 4) and with AVX-512 (16).
+/// Every build computes the same values bit for bit (no fused multiply-adds: LLVM does not
+/// contract `a * b + c`), so results do not depend on the machine's vector width. Sums and maxima run in 8 interleaved lanes
 /// added in a fixed tree: vectorised, and deterministic.
 mod row_kernels {
     use super::{inf, EqsdpaReal};
     use std::sync::OnceLock;
 
-    /// Whether this CPU runs the AVX2 build (asked once).
-    fn avx2() -> bool {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
+    /// The widest build this CPU runs (asked once): 0 baseline, 1 AVX2, 2 AVX-512.
+    fn level() -> u8 {
+        static LEVEL: OnceLock<u8> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
-                is_x86_feature_detected!("avx2")
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                    2
+                } else {
+                    u8::from(is_x86_feature_detected!("avx2"))
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
-                false
+                0
             }
         })
     }
@@ -552,6 +560,18 @@ mod row_kernels {
         softmax_row_body(s, mask, scale, m, l)
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2")]
+    unsafe fn softmax_row_avx512<R: EqsdpaReal>(
+        s: &mut [R],
+        mask: Option<&[u8]>,
+        scale: R,
+        m: &mut R,
+        l: &mut R,
+    ) -> R {
+        softmax_row_body(s, mask, scale, m, l)
+    }
+
     /// One row of the forward's online softmax over a key tile: scales the scores `s` in place
     /// (masked keys to -inf), updates the running maximum `m` and sum `l`, leaves
     /// `P = exp(scale s - m)` in `s`, and returns the factor `alpha` by which the row's
@@ -565,9 +585,11 @@ mod row_kernels {
         l: &mut R,
     ) -> R {
         #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { softmax_row_avx2(s, mask, scale, m, l) };
+        match level() {
+            // SAFETY: the CPU has the features (asked at run time).
+            2 => return unsafe { softmax_row_avx512(s, mask, scale, m, l) },
+            1 => return unsafe { softmax_row_avx2(s, mask, scale, m, l) },
+            _ => {}
         }
         softmax_row_body(s, mask, scale, m, l)
     }
@@ -601,6 +623,19 @@ mod row_kernels {
         p_ds_row_body(s, p, dp, lse, dsum, scale)
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2")]
+    unsafe fn p_ds_row_avx512<R: EqsdpaReal>(
+        s: &mut [R],
+        p: &mut [R],
+        dp: &[f64],
+        lse: &[R],
+        dsum: &[f64],
+        scale: R,
+    ) {
+        p_ds_row_body(s, p, dp, lse, dsum, scale)
+    }
+
     /// One key's row of the backward over a tile of queries: `P = exp(scale s - lse)` into `p`
     /// and `dS = P (dP - D)` into `s` (all slices as long as the tile's queries; dP and D in
     /// f64, their difference rounded once).
@@ -616,11 +651,76 @@ mod row_kernels {
         let n = s.len();
         let (p, dp, lse, dsum) = (&mut p[..n], &dp[..n], &lse[..n], &dsum[..n]);
         #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { p_ds_row_avx2(s, p, dp, lse, dsum, scale) };
+        match level() {
+            // SAFETY: the CPU has the features (asked at run time).
+            2 => return unsafe { p_ds_row_avx512(s, p, dp, lse, dsum, scale) },
+            1 => return unsafe { p_ds_row_avx2(s, p, dp, lse, dsum, scale) },
+            _ => {}
         }
         p_ds_row_body(s, p, dp, lse, dsum, scale)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::testing::Rng;
+
+        /// Every build of the row kernels gives the same bits (the docs above promise it):
+        /// fresh random rows of awkward lengths, masks, and extreme scores.
+        #[test]
+        fn row_kernel_builds_agree_bit_for_bit() {
+            let mut rng = Rng::for_test("row_kernel_builds_agree_bit_for_bit");
+            let lvl = level();
+            println!("row kernels: this CPU runs build level {lvl} (0 base, 1 AVX2, 2 AVX-512)");
+            for n in [1usize, 7, 8, 9, 31, 64, 213] {
+                let mut s0: Vec<f32> = rng.normal_vec(n, 30.0);
+                s0[0] = -1e30; // exp underflows to 0
+                let mask: Vec<u8> = (0..n).map(|_| u8::from(rng.uniform() > 0.2)).collect();
+                let lse: Vec<f32> = rng.normal_vec(n, 3.0);
+                let dp: Vec<f64> = rng.normal_vec(n, 2.0).iter().map(|&x| x as f64).collect();
+                let dsum: Vec<f64> = rng.normal_vec(n, 2.0).iter().map(|&x| x as f64).collect();
+                for m in [None, Some(&mask[..])] {
+                    let run = |which: u8| {
+                        let (mut s, mut mm, mut l) = (s0.clone(), 0.5f32, 2.0f32);
+                        let (mut s2, mut p) = (s0.clone(), vec![0.0f32; n]);
+                        // SAFETY: each build runs only where the CPU has its features.
+                        let alpha = match which {
+                            0 => softmax_row_body(&mut s, m, 0.3, &mut mm, &mut l),
+                            #[cfg(target_arch = "x86_64")]
+                            1 => unsafe { softmax_row_avx2(&mut s, m, 0.3, &mut mm, &mut l) },
+                            #[cfg(target_arch = "x86_64")]
+                            _ => unsafe { softmax_row_avx512(&mut s, m, 0.3, &mut mm, &mut l) },
+                            #[cfg(not(target_arch = "x86_64"))]
+                            _ => unreachable!(),
+                        };
+                        match which {
+                            0 => p_ds_row_body(&mut s2, &mut p, &dp, &lse, &dsum, 0.3),
+                            #[cfg(target_arch = "x86_64")]
+                            1 => unsafe { p_ds_row_avx2(&mut s2, &mut p, &dp, &lse, &dsum, 0.3) },
+                            #[cfg(target_arch = "x86_64")]
+                            _ => unsafe { p_ds_row_avx512(&mut s2, &mut p, &dp, &lse, &dsum, 0.3) },
+                            #[cfg(not(target_arch = "x86_64"))]
+                            _ => unreachable!(),
+                        }
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        (
+                            bits(&s),
+                            bits(&s2),
+                            bits(&p),
+                            [alpha, mm, l].map(f32::to_bits),
+                        )
+                    };
+                    let base = run(0);
+                    assert!(base.0.iter().all(|&b| f32::from_bits(b).is_finite()));
+                    for which in 1..=lvl {
+                        assert!(
+                            run(which) == base,
+                            "build {which} differs from the baseline, n = {n}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
