@@ -159,8 +159,11 @@ def section_big(r, a, out):
               "--repeats", "1"]
     ours = r.hiermd(["token", "--window", "1", "--save-model", d] + common)
     peer = r.pytorch(["token", "--model", d] + common, timeout=a.big_timeout)
+    plain = r.pytorch(["token", "--model", d, "--attention", "plain"] + common,
+                      timeout=a.big_timeout)
     out.append({"section": "big", "residues": a.big_residues, "batch_pairs": a.big_batch,
                 "peer_memory_limit_gb": a.peer_memory_gb, "hiermd": ours, "pytorch": peer,
+                "pytorch_plain": plain,
                 "speed_ratio": ratio(ours, peer, "pairs_per_s"),
                 "memory_ratio": ratio(ours, peer, "added_peak_mb")})
 
@@ -173,8 +176,9 @@ def section_curves(r, a, out):
                   "--warmup", "0", "--repeats", "1", "--backward"]
         ours = r.hiermd(["attention", "--attention", "fused"] + common)
         plain = r.pytorch(["attention", "--attention", "plain"] + common, timeout=a.big_timeout)
+        sdpa = r.pytorch(["attention", "--attention", "sdpa"] + common, timeout=a.big_timeout)
         out.append({"section": "curves", "tokens": t, "hiermd": ours, "pytorch_plain": plain,
-                    "memory_ratio": ratio(ours, plain, "added_peak_mb")})
+                    "pytorch_sdpa": sdpa, "memory_ratio": ratio(ours, plain, "added_peak_mb")})
 
 
 def section_scaling(r, a, out):
@@ -247,14 +251,23 @@ def report(rows, a, meta):
                       f"{cell(x['pytorch'], 'added_peak_mb', '.0f')} |")
         md.append("")
     big = [x for x in rows if x["section"] == "big"]
+    def peer_cell(p):
+        return ("**fails: " + p["error"] + "**" if "error" in p else
+                f"{p['median_s']:.1f} s per step, peak +{p['added_peak_mb']:.0f} MB "
+                f"(resident peak {p['peak_rss_mb']:.0f} MB)")
+
     for x in big:
-        h, p = x["hiermd"], x["pytorch"]
+        h = x["hiermd"]
         md += [f"## {x['residues']} tokens, {x['batch_pairs']} + {x['batch_pairs']} frames", "",
-               f"hiermd: {cell(h, 'median_s', '.1f')} s per step, peak +{cell(h, 'added_peak_mb', '.0f')} MB "
-               f"(resident peak {cell(h, 'peak_rss_mb', '.0f')} MB). "
-               f"PyTorch peer (address space limited to {x['peer_memory_limit_gb']} GB): "
-               + ("**" + p["error"] + "**" if "error" in p else
-                  f"{p['median_s']:.1f} s per step, peak +{p['added_peak_mb']:.0f} MB") + ".", ""]
+               f"- hiermd (fused EqSDPA): {cell(h, 'median_s', '.1f')} s per step, peak "
+               f"+{cell(h, 'added_peak_mb', '.0f')} MB (resident peak "
+               f"{cell(h, 'peak_rss_mb', '.0f')} MB).",
+               f"- PyTorch peer, SDPA (address space limited to {x['peer_memory_limit_gb']} GB): "
+               + peer_cell(x["pytorch"]) + "."]
+        if "pytorch_plain" in x:
+            md.append("- PyTorch peer, materialised attention (same limit): "
+                      + peer_cell(x["pytorch_plain"]) + ".")
+        md.append("")
     sc = [x for x in rows if x["section"] == "scaling"]
     if sc:
         md += ["## Training iteration vs residues (no graph conv)", "",
@@ -270,10 +283,15 @@ def report(rows, a, meta):
     cu = [x for x in rows if x["section"] == "curves"]
     if cu:
         md += ["## Attention memory vs tokens (forward + backward)", "",
-               "| tokens | hiermd fused MB | peer plain MB |", "|--:|--:|--:|"]
+               "1 frame x 8 heads, dh = 16, values 64 wide; peak memory added (MB) and time (s).", "",
+               "| tokens | hiermd fused MB | peer plain MB | peer SDPA MB | hiermd fused s | peer plain s | peer SDPA s |",
+               "|--:|--:|--:|--:|--:|--:|--:|"]
         for x in cu:
+            sd = x.get("pytorch_sdpa", {"error": "not run"})
             md.append(f"| {x['tokens']} | {cell(x['hiermd'], 'added_peak_mb', '.0f')} | "
-                      f"{cell(x['pytorch_plain'], 'added_peak_mb', '.0f')} |")
+                      f"{cell(x['pytorch_plain'], 'added_peak_mb', '.0f')} | "
+                      f"{cell(sd, 'added_peak_mb', '.0f')} | {cell(x['hiermd'], 'median_s')} | "
+                      f"{cell(x['pytorch_plain'], 'median_s')} | {cell(sd, 'median_s')} |")
         md.append("")
     return "\n".join(md)
 
@@ -290,11 +308,16 @@ def plots(rows, out, scaling_json=None):
     cu = [x for x in rows if x["section"] == "curves"]
     if cu:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in [("hiermd", "hiermd fused EqSDPA"), ("pytorch_plain", "PyTorch plain attention")]:
-            pts = [(x["tokens"], x[key]["added_peak_mb"]) for x in cu if "error" not in x[key]]
+        for key, label in [("hiermd", "hiermd fused EqSDPA"),
+                           ("pytorch_plain", "PyTorch plain attention"),
+                           ("pytorch_sdpa", "PyTorch SDPA")]:
+            if not any(key in x for x in cu):
+                continue
+            pts = [(x["tokens"], x[key]["added_peak_mb"]) for x in cu
+                   if key in x and "error" not in x[key]]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=label)
-            fails = [x["tokens"] for x in cu if "error" in x[key]]
+            fails = [x["tokens"] for x in cu if "error" in x.get(key, {})]
             for t in fails:
                 ax.axvline(t, color="C3", ls=":", lw=1)
         ax.set_xscale("log", base=2)

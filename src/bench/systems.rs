@@ -5,7 +5,7 @@
 //! The chain is a serpentine through a cube: consecutive C-alpha atoms 3.8 A apart along rows,
 //! rows 5.96 A apart, which gives one residue per 135 A^3 (a folded protein: 1.35 g/cm^3 at
 //! ~110 Da per residue) and about 16 C-alpha neighbours within 8 A. Each residue carries 7 or 8
-//! heavy atoms (ADK: 1,656 heavy atoms for 214 residues = 7.74) on a jittered 2.4 A cube around
+//! heavy atoms (ADK: 1,656 heavy atoms for 214 residues = 7.74) on a jittered 2 A cube around
 //! its C-alpha, i.e. ~0.057 heavy atoms per A^3 and 20-30 neighbours within 5 A.
 
 use crate::testing::Rng;
@@ -14,6 +14,10 @@ use crate::testing::Rng;
 pub const CA_STEP: f64 = 3.8;
 /// Volume per residue in a folded protein (A^3).
 pub const RESIDUE_VOLUME: f64 = 135.0;
+/// Edge of the cube around each C-alpha whose corners hold the residue's other heavy atoms (A).
+/// With the jitters (0.15 A on C-alpha coordinates, 0.2 A on the others) no two atoms of
+/// neighbouring residues come closer than 3.8 - 2 - 2 (0.15 + 0.2) = 1.1 A.
+const CUBE: f64 = 2.0;
 
 /// A generated protein-like structure.
 #[derive(Clone, Debug)]
@@ -57,8 +61,8 @@ impl ProteinLike {
             let n = if r % 2 == 0 { 7 } else { 6 };
             for (k, corner) in corners.iter().take(n).enumerate() {
                 for d in 0..3 {
-                    let jitter = 0.3 * (2.0 * rng.uniform() - 1.0);
-                    atoms.push((c[d] + 2.4 * (corner[d] - 0.5) + jitter) as f32);
+                    let jitter = 0.2 * (2.0 * rng.uniform() - 1.0);
+                    atoms.push((c[d] + CUBE * (corner[d] - 0.5) + jitter) as f32);
                 }
                 z.push(match k {
                     6 if r % 16 == 1 => 16,
@@ -123,7 +127,7 @@ fn serpentine(residues: usize, rng: &mut Rng) -> Vec<f32> {
             layer as f64 * row,
         ];
         for x in p {
-            ca.push((x + 0.25 * (2.0 * rng.uniform() - 1.0)) as f32);
+            ca.push((x + 0.15 * (2.0 * rng.uniform() - 1.0)) as f32);
         }
     }
     ca

@@ -78,8 +78,11 @@ pub struct TokenModelConfig {
     pub seed: u64,
     /// Training keeps only each block's inputs and outputs and runs the block again in the
     /// backward pass (activation checkpointing, [`Tape::checkpoint`]): a step's activation
-    /// memory drops to about a third for one more forward pass of the blocks. Evaluation is
-    /// unaffected (nothing is recomputed without a backward pass). On by default.
+    /// memory drops to about a third for one more forward pass of the blocks. With windows
+    /// (w > 1) the stem (embedding, graph convolution, merging) is recomputed too, in chunks
+    /// of [`STEM_CHUNK`] frames ([`Tape::checkpoint_frames`]), so its per-residue activations
+    /// never exist for the whole batch. Evaluation is unaffected (nothing is recomputed
+    /// without a backward pass). On by default.
     pub checkpoint: bool,
 }
 
