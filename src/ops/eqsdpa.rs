@@ -464,26 +464,8 @@ fn forward_tile<R: EqsdpaReal>(
 /// added in a fixed tree: vectorised, and deterministic.
 mod row_kernels {
     use super::{inf, EqsdpaReal};
-    use std::sync::OnceLock;
 
-    /// The widest build this CPU runs (asked once): 0 baseline, 1 AVX2, 2 AVX-512.
-    fn level() -> u8 {
-        static LEVEL: OnceLock<u8> = OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                    2
-                } else {
-                    u8::from(is_x86_feature_detected!("avx2"))
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                0
-            }
-        })
-    }
+    use crate::ops::simd_level as level;
 
     /// The maximum of `x` in eight lanes (`x > m` selects, so NaN never wins: as maxps).
     #[inline(always)]

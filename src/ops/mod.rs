@@ -21,6 +21,28 @@ use crate::device::Device;
 use crate::tensor::{Element, Tensor};
 use anyhow::{bail, Result};
 
+/// The widest vector build of the CPU twins' hot loops this CPU runs, asked once: 0 the
+/// target's baseline, 1 AVX2, 2 AVX-512 (F and VL). Loops compiled for each level
+/// (`#[target_feature]` copies of one `#[inline(always)]` body) give the same bits: they use no
+/// fused multiply-adds, which LLVM never forms from `a * b + c` on its own.
+pub(crate) fn simd_level() -> u8 {
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                2
+            } else {
+                u8::from(is_x86_feature_detected!("avx2"))
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            0
+        }
+    })
+}
+
 /// The float types the CPU twins are written for.
 pub trait Real:
     Copy

@@ -76,6 +76,10 @@ pub trait PainnReal: EqReal {
     fn cos(self) -> Self;
     /// sin(self).
     fn sin(self) -> Self;
+    /// e^self by an inlined polynomial where it can be (f32: [`crate::ops::eqsdpa::exp_f32`],
+    /// one or two ulp, saturating above 88 and 0 below -87; f64: libm), so loops over it
+    /// vectorise.
+    fn exp_fast(self) -> Self;
 }
 impl PainnReal for f32 {
     fn cos(self) -> Self {
@@ -84,6 +88,10 @@ impl PainnReal for f32 {
     fn sin(self) -> Self {
         f32::sin(self)
     }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        crate::ops::eqsdpa::exp_f32(self)
+    }
 }
 impl PainnReal for f64 {
     fn cos(self) -> Self {
@@ -91,6 +99,10 @@ impl PainnReal for f64 {
     }
     fn sin(self) -> Self {
         f64::sin(self)
+    }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        f64::exp(self)
     }
 }
 
