@@ -21,7 +21,8 @@ fn median(dev: &Device, reps: usize, f: impl FnMut() -> Result<()>) -> Result<f6
 // ---------------------------------------------------------------------------------------------
 // The CPU's practical f32 peak: independent FMA chains in registers, no memory traffic. Twelve
 // accumulators cover the FMA latency (4 cycles) times the FMA ports (2) with room to spare;
-// 8-wide AVX2 FMAs, the widest that gemm's default (x86-v3) kernels use as well.
+// 8-wide AVX2 FMAs. (The gemm crate runs its AVX-512 kernels where the CPU has them, the
+// `x86-v4` feature: on Zen 4 those do no more FMAs per cycle, but fewer instructions.)
 
 #[cfg(target_arch = "x86_64")]
 mod peak {
@@ -56,9 +57,8 @@ mod peak {
 }
 
 /// The FMA loop's f32 GFLOP/s: (one thread, every rayon thread at once), each the best of 5
-/// runs; None where this CPU has no AVX2 FMA. (AVX-512 would need Rust 1.89, above the crate's
-/// rust-version, and gains nothing on Zen 4, whose 512-bit FMAs are two 256-bit halves: 117.1
-/// against 117.0 GFLOP/s per core measured here.) On a machine shared with other jobs the
+/// runs; None where this CPU has no AVX2 FMA. (An AVX-512 loop gains nothing on Zen 4, whose
+/// 512-bit FMAs are two 256-bit halves: 117.1 against 117.0 GFLOP/s per core measured here.) On a machine shared with other jobs the
 /// all-thread figure drops first: one thread gets a core to itself more often than all do.
 #[cfg(target_arch = "x86_64")]
 fn cpu_peak() -> Option<Peak> {

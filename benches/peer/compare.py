@@ -201,9 +201,19 @@ def fmt(x, spec=".2f"):
     return "n/a" if x is None else format(x, spec)
 
 
+def why(row):
+    """A short reason for a missing result."""
+    e = row.get("error", "")
+    if "allocate memory" in e or "MemoryError" in e:
+        return "out of memory"
+    if "timed out" in e:
+        return e
+    return "fails: " + e[:60]
+
+
 def cell(row, key, spec=".2f"):
     if "error" in row:
-        return "fails: " + row["error"][:60]
+        return why(row)
     return fmt(row.get(key), spec)
 
 
@@ -252,7 +262,7 @@ def report(rows, a, meta):
         md.append("")
     big = [x for x in rows if x["section"] == "big"]
     def peer_cell(p):
-        return ("**fails: " + p["error"] + "**" if "error" in p else
+        return (f"**{why(p)}** ({p['error'][:120]})" if "error" in p else
                 f"{p['median_s']:.1f} s per step, peak +{p['added_peak_mb']:.0f} MB "
                 f"(resident peak {p['peak_rss_mb']:.0f} MB)")
 
@@ -320,6 +330,9 @@ def plots(rows, out, scaling_json=None):
             fails = [x["tokens"] for x in cu if "error" in x.get(key, {})]
             for t in fails:
                 ax.axvline(t, color="C3", ls=":", lw=1)
+                ax.annotate(f"{label}:\n{why(next(x[key] for x in cu if x['tokens'] == t))}",
+                            (t, ax.get_ylim()[0]), xytext=(-4, 6), textcoords="offset points",
+                            ha="right", va="bottom", fontsize=7, color="C3")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens")
@@ -407,6 +420,8 @@ def main(argv=None):
     p.add_argument("--peer-memory-gb", type=float, default=20.0)
     p.add_argument("--scaling-residues", default="200,400,800,1600,3200,5000")
     p.add_argument("--scaling-batch", type=int, default=4)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite compare.md and the plots from OUT/compare.json, measuring nothing")
     p.add_argument("--scaling-json", default=None,
                    help="scaling.json of `hiermd bench scaling` to plot with the peer's points")
     a = p.parse_args(argv)
@@ -429,6 +444,16 @@ def main(argv=None):
         "torch": torch.__version__, "threads": a.threads,
         "command": "benches/compare " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if a.report_only:
+        # Tables and plots again from a finished run's compare.json (nothing is measured).
+        with open(os.path.join(a.out, "compare.json")) as f:
+            saved = json.load(f)
+        md = report(saved["rows"], a, saved["meta"])
+        with open(os.path.join(a.out, "compare.md"), "w") as f:
+            f.write(md + "\n")
+        plots(saved["rows"], a.out, a.scaling_json)
+        print(md)
+        return 0
     r = Runner(a)
     rows = []
     sections = {"token": section_token, "atoms": section_atoms, "attention": section_attention,
