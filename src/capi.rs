@@ -657,7 +657,7 @@ pub unsafe extern "C" fn hiermd_model_evaluate(
                 ),
             );
         }
-        if workspace as usize % 4 != 0 {
+        if !(workspace as usize).is_multiple_of(4) {
             return err(
                 HiermdStatus::WorkspaceTooSmall,
                 "the workspace is not 4-byte aligned",

@@ -317,7 +317,7 @@ pub fn category_color(i: usize) -> [u8; 3] {
         return TAB10[i];
     }
     let h = (i as f64 * 137.507_764) % 360.0;
-    let l = if i % 2 == 0 { 0.45 } else { 0.6 };
+    let l = if i.is_multiple_of(2) { 0.45 } else { 0.6 };
     hsl(h, 0.6, l)
 }
 

@@ -883,7 +883,7 @@ impl Tape {
         let frames = |v: &Var| self.vals[v.0].shape().first().copied().unwrap_or(1);
         let b = inputs.first().map(frames).unwrap_or(1);
         let Some(chunk) = chunk else {
-            return Ok(vec![0..b]);
+            return Ok(std::iter::once(0..b).collect());
         };
         ensure!(
             !inputs.is_empty() && inputs.iter().all(|v| frames(v) == b),

@@ -186,7 +186,7 @@ impl<T: Element> Tensor<T> {
             "frames {f0}..{f1} of a tensor of shape {:?}",
             self.shape
         );
-        let row = if b == 0 { 0 } else { self.len() / b };
+        let row = self.len().checked_div(b).unwrap_or(0);
         let mut shape = self.shape.clone();
         if shape.is_empty() {
             shape.push(1);

@@ -844,14 +844,17 @@ device_test!(padding_does_not_leak_into_merged_windows, |dev| {
     Ok(())
 });
 
+/// The output, dL/dx, dL/dW1 and dL/dW2 of [`chunked_segment_run`].
+type SegmentRun = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// `L = sum(w * silu(W2 silu(W1 x + b1)))` over frames of `x [B, 2, 5]`, either plain or as a
-/// segment checkpointed in chunks of `chunk` frames; returns (L's output, dL/dx, dL/dW1, dL/dW2).
+/// segment checkpointed in chunks of `chunk` frames.
 fn chunked_segment_run(
     dev: &Device,
     x0: &[f32],
     w: &[f32],
     chunk: Option<usize>,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
+) -> Result<SegmentRun> {
     let b = x0.len() / 10;
     let mut ps = ParamStore::new(dev, 7);
     let l1 = Linear::new(&mut ps, "l1", 5, 6, true)?;

@@ -131,7 +131,7 @@ impl TokenModelConfig {
         ensure!(self.input_channels > 0, "input_channels must be positive");
         ensure!(self.hidden > 0, "hidden must be positive");
         ensure!(
-            self.heads > 0 && self.hidden % self.heads == 0,
+            self.heads > 0 && self.hidden.is_multiple_of(self.heads),
             "heads = {} must divide hidden = {}",
             self.heads,
             self.hidden

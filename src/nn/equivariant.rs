@@ -156,7 +156,7 @@ pub fn vector_dot(tape: &mut Tape, a: Var, b: Var) -> Result<Var> {
 pub fn vector_dot_split(tape: &mut Tape, ab: Var) -> Result<Var> {
     let abs = tape.shape(ab).to_vec();
     ensure!(
-        abs.len() >= 2 && abs[abs.len() - 2] == 3 && abs[abs.len() - 1] % 2 == 0,
+        abs.len() >= 2 && abs[abs.len() - 2] == 3 && abs[abs.len() - 1].is_multiple_of(2),
         "vector_dot_split: {abs:?} is not [.., 3, 2H]"
     );
     let mut shape = abs[..abs.len() - 2].to_vec();

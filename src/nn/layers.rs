@@ -205,7 +205,7 @@ impl EqAttention {
         kind: AttentionKind,
     ) -> Result<Self> {
         ensure!(
-            heads > 0 && h % heads == 0,
+            heads > 0 && h.is_multiple_of(heads),
             "{name}: {h} channels do not split into {heads} heads"
         );
         Ok(Self {

@@ -178,7 +178,7 @@ pub fn split3(tape: &mut Tape, x: Var) -> Result<(Var, Var, Var)> {
     let xs = tape.shape(x).to_vec();
     let last = *xs.last().unwrap_or(&0);
     ensure!(
-        last > 0 && last % 3 == 0,
+        last > 0 && last.is_multiple_of(3),
         "split3: {xs:?} does not split into three column blocks"
     );
     let shape = with_last(&xs, last / 3);
@@ -408,7 +408,7 @@ impl BackboneConfig {
         );
         if self.kind == BackboneKind::Et {
             ensure!(
-                self.heads >= 1 && self.hidden % self.heads == 0,
+                self.heads >= 1 && self.hidden.is_multiple_of(self.heads),
                 "heads = {} must be at least 1 and divide hidden = {}",
                 self.heads,
                 self.hidden

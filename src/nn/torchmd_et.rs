@@ -297,7 +297,7 @@ impl EtLayer {
         basis: RadialBasis,
     ) -> Result<Self> {
         ensure!(
-            heads > 0 && hidden % heads == 0,
+            heads > 0 && hidden.is_multiple_of(heads),
             "{name}: heads = {heads} must divide hidden = {hidden}"
         );
         let h = hidden;

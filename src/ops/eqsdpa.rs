@@ -707,7 +707,7 @@ mod row_kernels {
 }
 
 /// CPU twin of [`eqsdpa_forward`]: the tiled online-softmax forward, rayon over (bh, tile of
-/// [`CPU_QUERY_TILE`] queries). Slices as in the module docs; `mask` is `[frames, t]`.
+/// 64 queries). Slices as in the module docs; `mask` is `[frames, t]`.
 #[allow(clippy::too_many_arguments)] // the op's operands
 pub fn eqsdpa_forward_host<R: EqsdpaReal>(
     q: &[R],
@@ -826,9 +826,9 @@ fn backward_group<R: EqsdpaReal>(
 }
 
 /// CPU twin of [`eqsdpa_backward`] (FlashAttention-2, one pass): per (frame, head), the keys
-/// in [`backward_key_groups`] groups, each a rayon task streaming every query tile past its
-/// key tiles ([`backward_group`]): dk and dvalues are complete per group, dq is the sum of the
-/// groups' partials, added in group order. `dP - D` (see `cuda/eqsdpa.cu`) is formed from
+/// in groups (one group per pair when there are many pairs, more when there are few), each a
+/// rayon task streaming every query tile past its key tiles: dk and dvalues are complete per
+/// group, dq is the sum of the groups' partials, added in group order. `dP - D` (see `cuda/eqsdpa.cu`) is formed from
 /// `dP = dout values^T` by an f64 GEMM and `D = rowsum(dout out)` in f64: their difference
 /// loses nothing that matters to the f32 result even where attention is sharp (for one key,
 /// `out = values` and dS is 0 to f64 rounding), at the cost of f64 copies of values and dout

@@ -624,7 +624,7 @@ fn layernorm_dims(
         (1..=EQ_LAYERNORM_MAX_H).contains(&h),
         "{op}: gamma_s has {h} channels, expected 1 to {EQ_LAYERNORM_MAX_H}"
     );
-    if s.len() % h != 0 {
+    if !s.len().is_multiple_of(h) {
         bail!(
             "{op}: s has shape {:?}, not a whole number of rows of {h} channels (gamma_s)",
             s.shape()

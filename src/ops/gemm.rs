@@ -922,7 +922,7 @@ pub fn column_sum(x: &Tensor<f32>, out: &mut Tensor<f32>, cols: usize, beta: f32
         return Ok(());
     }
     ensure!(
-        x.len() % cols == 0,
+        x.len().is_multiple_of(cols),
         "{op}: x has shape {:?} ({} elements), not a whole number of rows of {cols}",
         x.shape(),
         x.len()

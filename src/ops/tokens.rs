@@ -76,7 +76,7 @@ pub fn merged_token_mask(mask: &[u8], t: usize, w: usize) -> Vec<u8> {
         return Vec::new();
     }
     assert!(
-        t > 0 && w > 0 && mask.len() % t == 0,
+        t > 0 && w > 0 && mask.len().is_multiple_of(t),
         "merged_token_mask: mask of {} entries is not [B, T] with T = {t}, or window w = {w} is 0",
         mask.len()
     );
@@ -300,7 +300,7 @@ pub fn split_heads_host<R: Real>(
 ) {
     let dh = d.h / heads;
     assert!(
-        d.h % heads == 0 && col_offset + d.c * dh <= width,
+        d.h.is_multiple_of(heads) && col_offset + d.c * dh <= width,
         "split_heads_host: layout"
     );
     assert_eq!(x.len(), d.len(), "split_heads_host: x");
@@ -335,7 +335,7 @@ pub fn merge_heads_host<R: Real>(
 ) {
     let dh = d.h / heads;
     assert!(
-        d.h % heads == 0 && col_offset + d.c * dh <= width,
+        d.h.is_multiple_of(heads) && col_offset + d.c * dh <= width,
         "merge_heads_host: layout"
     );
     assert_eq!(dx.len(), d.len(), "merge_heads_host: dx");
@@ -370,7 +370,7 @@ fn heads_dims(
     let d = tokens;
     ensure!(heads >= 1, "{op}: heads must be at least 1");
     ensure!(
-        d.h % heads == 0,
+        d.h.is_multiple_of(heads),
         "{op}: H = {} is not divisible by heads = {heads}",
         d.h
     );

@@ -387,7 +387,7 @@ impl<'a, R: PainnReal> Twin<'a, R> {
 
 /// Checks H, heads and K of the twins' inputs (the device ops check shapes with errors).
 fn twin_sizes(hidden: usize, heads: usize) -> bool {
-    hidden > 0 && heads > 0 && hidden % heads == 0
+    hidden > 0 && heads > 0 && hidden.is_multiple_of(heads)
 }
 
 /// CPU twin of [`et_message_forward`]: assigns `xagg [N, H]` and `vagg [N, 3, H]`.
@@ -880,7 +880,7 @@ pub fn supported(hidden: usize, size: usize, heads: usize) -> bool {
     (1..=MAX_HIDDEN).contains(&hidden)
         && (1..=MAX_RBF).contains(&size)
         && heads > 0
-        && hidden % heads == 0
+        && hidden.is_multiple_of(heads)
         && row_shared_bytes(hidden, size).max(filter_shared_bytes(hidden, size, heads))
             <= MAX_SHARED_BYTES
 }

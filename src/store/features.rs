@@ -495,7 +495,7 @@ impl FeatureWriter {
             format!("feature store: trajectory {traj}, the dataset has {ntraj}")
         })?;
         ensure!(
-            !s.is_empty() && s.len() % (r * h) == 0,
+            !s.is_empty() && s.len().is_multiple_of(r * h),
             "feature store: trajectory {traj}: s has {} values, not a positive multiple of \
              tokens x channels = {r} x {h}",
             s.len()

@@ -358,7 +358,7 @@ struct Bits {
 impl Bits {
     fn put(&mut self, nbits: u32, value: u64) {
         for k in (0..nbits).rev() {
-            if self.nbits % 8 == 0 {
+            if self.nbits.is_multiple_of(8) {
                 self.bytes.push(0);
             }
             let bit = ((value >> k) & 1) as u8;
