@@ -745,6 +745,31 @@ device_test!(attention_maps_are_the_softmax_of_queries_and_keys, |dev| {
     Ok(())
 });
 
+/// One forward and backward pass of `model` on `inputs` (token features recorded with
+/// gradients), seeded with `w`: the outputs, every parameter's gradient then those of the
+/// scalar and vector tokens, and how many attention records the pass kept.
+fn forward_backward(
+    dev: &Device,
+    model: &TokenModel,
+    tape: &mut Tape,
+    inputs: &Inputs,
+    w: &[f32],
+) -> Result<(Vec<f32>, Vec<Vec<f32>>, usize)> {
+    let b = inputs.batch(dev)?;
+    let s = tape.input_with_grad(b.s.to_device(dev)?)?;
+    let v = tape.input_with_grad(b.v.to_device(dev)?)?;
+    let out = model.forward_vars(tape, s, v, b.ca.as_deref(), b.mask.as_deref())?;
+    let y = tape.value(out.out).to_vec()?;
+    tape.backward(out.out, Tensor::from_slice(dev, tape.shape(out.out), w)?)?;
+    let ps = tape.params();
+    let mut grads: Vec<Vec<f32>> = (0..ps.len())
+        .map(|i| ps.grad(ps.id(&ps.names()[i]).unwrap()).to_vec())
+        .collect::<Result<_>>()?;
+    grads.push(tape.grad(s).context("no gradient for s")?.to_vec()?);
+    grads.push(tape.grad(v).context("no gradient for v")?.to_vec()?);
+    Ok((y, grads, out.attention.len()))
+}
+
 // Activation checkpointing (blocks recomputed in the backward pass) changes memory, nothing
 // else: the same outputs, parameter gradients and input gradients, bit for bit, with dropout,
 // masks, windows and the gated graph convolution on; and the tape's pool is smaller.
@@ -765,23 +790,11 @@ device_test!(checkpointed_blocks_give_identical_gradients, |dev| {
         for _ in 0..2 {
             tape.reset();
             tape.params_mut().zero_grads()?;
-            let b = inputs.batch(dev)?;
-            let s = tape.input_with_grad(b.s.to_device(dev)?)?;
-            let v = tape.input_with_grad(b.v.to_device(dev)?)?;
-            let out = model.forward_vars(&mut tape, s, v, b.ca.as_deref(), b.mask.as_deref())?;
-            let y = tape.value(out.out).to_vec()?;
+            let (y, grads, records) = forward_backward(dev, &model, &mut tape, &inputs, &w)?;
             ensure!(
-                out.attention.len() == if checkpoint { 0 } else { 3 },
-                "attention records: {}",
-                out.attention.len()
+                records == if checkpoint { 0 } else { 3 },
+                "attention records: {records}"
             );
-            tape.backward(out.out, Tensor::from_slice(dev, tape.shape(out.out), &w)?)?;
-            let ps = tape.params();
-            let mut grads: Vec<Vec<f32>> = (0..ps.len())
-                .map(|i| ps.grad(ps.id(&ps.names()[i]).unwrap()).to_vec())
-                .collect::<Result<_>>()?;
-            grads.push(tape.grad(s).context("no gradient for s")?.to_vec()?);
-            grads.push(tape.grad(v).context("no gradient for v")?.to_vec()?);
             last = Some((y, grads));
         }
         results.push((last.unwrap(), tape.pool_bytes()));
@@ -969,18 +982,7 @@ device_test!(chunked_stem_matches_the_plain_stem, |dev| {
         c.checkpoint = checkpoint;
         let (model, mut tape) = model_on(dev, c)?;
         tape.set_training(true);
-        let b = inputs.batch(dev)?;
-        let s = tape.input_with_grad(b.s.to_device(dev)?)?;
-        let v = tape.input_with_grad(b.v.to_device(dev)?)?;
-        let out = model.forward_vars(&mut tape, s, v, b.ca.as_deref(), b.mask.as_deref())?;
-        let y = tape.value(out.out).to_vec()?;
-        tape.backward(out.out, Tensor::from_slice(dev, tape.shape(out.out), &w)?)?;
-        let ps = tape.params();
-        let mut grads: Vec<Vec<f32>> = (0..ps.len())
-            .map(|i| ps.grad(ps.id(&ps.names()[i]).unwrap()).to_vec())
-            .collect::<Result<_>>()?;
-        grads.push(tape.grad(s).context("no gradient for s")?.to_vec()?);
-        grads.push(tape.grad(v).context("no gradient for v")?.to_vec()?);
+        let (y, grads, _) = forward_backward(dev, &model, &mut tape, &inputs, &w)?;
         results.push((y, grads));
     }
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();

@@ -465,6 +465,7 @@ fn forward_tile<R: EqsdpaReal>(
 mod row_kernels {
     use super::{inf, EqsdpaReal};
 
+    #[cfg(test)]
     use crate::ops::simd_level as level;
 
     /// The maximum of `x` in eight lanes (`x > m` selects, so NaN never wins: as maxps).
@@ -530,50 +531,18 @@ mod row_kernels {
         alpha
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn softmax_row_avx2<R: EqsdpaReal>(
-        s: &mut [R],
-        mask: Option<&[u8]>,
-        scale: R,
-        m: &mut R,
-        l: &mut R,
-    ) -> R {
-        softmax_row_body(s, mask, scale, m, l)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx2")]
-    unsafe fn softmax_row_avx512<R: EqsdpaReal>(
-        s: &mut [R],
-        mask: Option<&[u8]>,
-        scale: R,
-        m: &mut R,
-        l: &mut R,
-    ) -> R {
-        softmax_row_body(s, mask, scale, m, l)
-    }
-
-    /// One row of the forward's online softmax over a key tile: scales the scores `s` in place
-    /// (masked keys to -inf), updates the running maximum `m` and sum `l`, leaves
-    /// `P = exp(scale s - m)` in `s`, and returns the factor `alpha` by which the row's
-    /// accumulator must be rescaled.
-    #[inline]
-    pub(super) fn softmax_row<R: EqsdpaReal>(
-        s: &mut [R],
-        mask: Option<&[u8]>,
-        scale: R,
-        m: &mut R,
-        l: &mut R,
-    ) -> R {
-        #[cfg(target_arch = "x86_64")]
-        match level() {
-            // SAFETY: the CPU has the features (asked at run time).
-            2 => return unsafe { softmax_row_avx512(s, mask, scale, m, l) },
-            1 => return unsafe { softmax_row_avx2(s, mask, scale, m, l) },
-            _ => {}
-        }
-        softmax_row_body(s, mask, scale, m, l)
+    simd_dispatch! {
+        /// One row of the forward's online softmax over a key tile: scales the scores `s` in
+        /// place (masked keys to -inf), updates the running maximum `m` and sum `l`, leaves
+        /// `P = exp(scale s - m)` in `s`, and returns the factor `alpha` by which the row's
+        /// accumulator must be rescaled.
+        pub(super) fn softmax_row / softmax_row_at<R: EqsdpaReal>(
+            s: &mut [R],
+            mask: Option<&[u8]>,
+            scale: R,
+            m: &mut R,
+            l: &mut R,
+        ) -> R = softmax_row_body;
     }
 
     #[inline(always)]
@@ -585,61 +554,27 @@ mod row_kernels {
         dsum: &[f64],
         scale: R,
     ) {
-        for i in 0..s.len() {
+        let n = s.len();
+        let (p, dp, lse, dsum) = (&mut p[..n], &dp[..n], &lse[..n], &dsum[..n]);
+        for i in 0..n {
             let pi = R::exp_diff(scale * s[i], lse[i]);
             p[i] = pi;
             s[i] = pi * R::of(dp[i] - dsum[i]);
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn p_ds_row_avx2<R: EqsdpaReal>(
-        s: &mut [R],
-        p: &mut [R],
-        dp: &[f64],
-        lse: &[R],
-        dsum: &[f64],
-        scale: R,
-    ) {
-        p_ds_row_body(s, p, dp, lse, dsum, scale)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx2")]
-    unsafe fn p_ds_row_avx512<R: EqsdpaReal>(
-        s: &mut [R],
-        p: &mut [R],
-        dp: &[f64],
-        lse: &[R],
-        dsum: &[f64],
-        scale: R,
-    ) {
-        p_ds_row_body(s, p, dp, lse, dsum, scale)
-    }
-
-    /// One key's row of the backward over a tile of queries: `P = exp(scale s - lse)` into `p`
-    /// and `dS = P (dP - D)` into `s` (all slices as long as the tile's queries; dP and D in
-    /// f64, their difference rounded once).
-    #[inline]
-    pub(super) fn p_ds_row<R: EqsdpaReal>(
-        s: &mut [R],
-        p: &mut [R],
-        dp: &[f64],
-        lse: &[R],
-        dsum: &[f64],
-        scale: R,
-    ) {
-        let n = s.len();
-        let (p, dp, lse, dsum) = (&mut p[..n], &dp[..n], &lse[..n], &dsum[..n]);
-        #[cfg(target_arch = "x86_64")]
-        match level() {
-            // SAFETY: the CPU has the features (asked at run time).
-            2 => return unsafe { p_ds_row_avx512(s, p, dp, lse, dsum, scale) },
-            1 => return unsafe { p_ds_row_avx2(s, p, dp, lse, dsum, scale) },
-            _ => {}
-        }
-        p_ds_row_body(s, p, dp, lse, dsum, scale)
+    simd_dispatch! {
+        /// One key's row of the backward over a tile of queries: `P = exp(scale s - lse)` into
+        /// `p` and `dS = P (dP - D)` into `s` (all slices as long as the tile's queries; dP and
+        /// D in f64, their difference rounded once).
+        pub(super) fn p_ds_row / p_ds_row_at<R: EqsdpaReal>(
+            s: &mut [R],
+            p: &mut [R],
+            dp: &[f64],
+            lse: &[R],
+            dsum: &[f64],
+            scale: R,
+        ) = p_ds_row_body;
     }
 
     #[cfg(test)]
@@ -665,25 +600,8 @@ mod row_kernels {
                     let run = |which: u8| {
                         let (mut s, mut mm, mut l) = (s0.clone(), 0.5f32, 2.0f32);
                         let (mut s2, mut p) = (s0.clone(), vec![0.0f32; n]);
-                        // SAFETY: each build runs only where the CPU has its features.
-                        let alpha = match which {
-                            0 => softmax_row_body(&mut s, m, 0.3, &mut mm, &mut l),
-                            #[cfg(target_arch = "x86_64")]
-                            1 => unsafe { softmax_row_avx2(&mut s, m, 0.3, &mut mm, &mut l) },
-                            #[cfg(target_arch = "x86_64")]
-                            _ => unsafe { softmax_row_avx512(&mut s, m, 0.3, &mut mm, &mut l) },
-                            #[cfg(not(target_arch = "x86_64"))]
-                            _ => unreachable!(),
-                        };
-                        match which {
-                            0 => p_ds_row_body(&mut s2, &mut p, &dp, &lse, &dsum, 0.3),
-                            #[cfg(target_arch = "x86_64")]
-                            1 => unsafe { p_ds_row_avx2(&mut s2, &mut p, &dp, &lse, &dsum, 0.3) },
-                            #[cfg(target_arch = "x86_64")]
-                            _ => unsafe { p_ds_row_avx512(&mut s2, &mut p, &dp, &lse, &dsum, 0.3) },
-                            #[cfg(not(target_arch = "x86_64"))]
-                            _ => unreachable!(),
-                        }
+                        let alpha = softmax_row_at(which, &mut s, m, 0.3, &mut mm, &mut l);
+                        p_ds_row_at(which, &mut s2, &mut p, &dp, &lse, &dsum, 0.3);
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         (
                             bits(&s),

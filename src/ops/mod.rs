@@ -2,6 +2,50 @@
 //! cpu device's f32 implementation and the tests' f64 reference), a CUDA kernel of the same name
 //! in `cuda/`, and a backward; tests in `tests/` of the same name run it on every device.
 
+/// Defines `$name(args)`, which runs the `#[inline(always)]` function `$body(args)` compiled
+/// for the widest vector extension this CPU has ([`simd_level`]), and `$at(level, args)`,
+/// which runs it at `level` or the CPU's, whichever is lower (tests compare the builds). Each
+/// build is a `#[target_feature]` copy of the same body, so they give the same bits.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident / $at:ident <$R:ident: $bound:path>
+        ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident;) => {
+        $(#[$m])*
+        #[inline]
+        $vis fn $name<$R: $bound>($($arg: $ty),*) $(-> $ret)? {
+            $at($crate::ops::simd_level(), $($arg),*)
+        }
+
+        /// As the function without `_at`, at vector level `level` (0 baseline, 1 AVX2,
+        /// 2 AVX-512) or this CPU's, whichever is lower.
+        #[allow(dead_code, clippy::too_many_arguments)]
+        $vis fn $at<$R: $bound>(level: u8, $($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<$R: $bound>($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx512f,avx512vl,avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512<$R: $bound>($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                match level.min($crate::ops::simd_level()) {
+                    // SAFETY: the CPU has the features (asked at run time, just above).
+                    2 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    1 => return unsafe { avx2($($arg),*) },
+                    _ => {}
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = level;
+            $body($($arg),*)
+        }
+    };
+}
+
 pub mod dropout;
 pub mod elementwise;
 pub mod eqsdpa;

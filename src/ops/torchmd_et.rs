@@ -460,51 +460,17 @@ fn forward_row_body<R: PainnReal>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn forward_row_avx2<R: PainnReal>(
-    t: &Twin<'_, R>,
-    i: usize,
-    x: &mut Edge<R>,
-    attn: &mut [R],
-    spre: &mut [R],
-    xo: &mut [R],
-    vo: &mut [R],
-) {
-    forward_row_body(t, i, x, attn, spre, xo, vo)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2")]
-unsafe fn forward_row_avx512<R: PainnReal>(
-    t: &Twin<'_, R>,
-    i: usize,
-    x: &mut Edge<R>,
-    attn: &mut [R],
-    spre: &mut [R],
-    xo: &mut [R],
-    vo: &mut [R],
-) {
-    forward_row_body(t, i, x, attn, spre, xo, vo)
-}
-
-fn forward_row<R: PainnReal>(
-    t: &Twin<'_, R>,
-    i: usize,
-    x: &mut Edge<R>,
-    attn: &mut [R],
-    spre: &mut [R],
-    xo: &mut [R],
-    vo: &mut [R],
-) {
-    #[cfg(target_arch = "x86_64")]
-    match crate::ops::simd_level() {
-        // SAFETY: the CPU has the features (asked at run time).
-        2 => return unsafe { forward_row_avx512(t, i, x, attn, spre, xo, vo) },
-        1 => return unsafe { forward_row_avx2(t, i, x, attn, spre, xo, vo) },
-        _ => {}
-    }
-    forward_row_body(t, i, x, attn, spre, xo, vo)
+simd_dispatch! {
+    /// [`forward_row_body`] at this CPU's vector width.
+    fn forward_row / forward_row_at<R: PainnReal>(
+        t: &Twin<'_, R>,
+        i: usize,
+        x: &mut Edge<R>,
+        attn: &mut [R],
+        spre: &mut [R],
+        xo: &mut [R],
+        vo: &mut [R],
+    ) = forward_row_body;
 }
 
 /// CPU twin of [`et_message_backward`] from the upstream gradients `gx [N, H]` and
