@@ -880,13 +880,15 @@ impl Tape {
         inputs: &[Var],
         chunk: Option<usize>,
     ) -> Result<Vec<Range<usize>>> {
-        let frames = |v: &Var| self.vals[v.0].shape().first().copied().unwrap_or(1);
-        let b = inputs.first().map(frames).unwrap_or(1);
+        let b = self.segment_frames(inputs);
         let Some(chunk) = chunk else {
             return Ok(std::iter::once(0..b).collect());
         };
         ensure!(
-            !inputs.is_empty() && inputs.iter().all(|v| frames(v) == b),
+            !inputs.is_empty()
+                && inputs
+                    .iter()
+                    .all(|v| self.shape(*v).first().copied().unwrap_or(1) == b),
             "checkpointed {op}: inputs {:?} do not share a first (frame) dimension",
             inputs
                 .iter()
@@ -897,6 +899,33 @@ impl Tape {
             .step_by(chunk)
             .map(|f0| f0..(f0 + chunk).min(b))
             .collect())
+    }
+
+    /// Records a segment's input views on this (nested) tape, with gradients where `needs`
+    /// says (none without it).
+    fn record_views(
+        &mut self,
+        views: Vec<Tensor<f32>>,
+        needs: Option<&[bool]>,
+    ) -> Result<Vec<Var>> {
+        views
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if needs.is_some_and(|n| n[i]) {
+                    self.input_with_grad(t)
+                } else {
+                    self.input(t)
+                }
+            })
+            .collect()
+    }
+
+    /// Frames of a segment's inputs: the first dimension of the first one (1 without inputs).
+    fn segment_frames(&self, inputs: &[Var]) -> usize {
+        inputs
+            .first()
+            .map_or(1, |v| self.shape(*v).first().copied().unwrap_or(1))
     }
 
     /// Views of the values `vars` for a nested tape: whole, or frames `range` of each.
@@ -919,10 +948,7 @@ impl Tape {
     ) -> Result<Vec<Var>> {
         let needs = inputs.iter().any(|v| self.needs[v.0]) || self.params.frozen.iter().any(|f| !f);
         if !needs {
-            let frames = match inputs.first() {
-                Some(v) if chunk.is_some() => self.shape(*v).first().copied().unwrap_or(1),
-                _ => 1,
-            };
+            let frames = self.segment_frames(inputs);
             return forward(self, inputs, 0..frames);
         }
         let chunks = self.segment_chunks(op, inputs, chunk)?;
@@ -933,10 +959,7 @@ impl Tape {
             let views = self.segment_inputs(inputs, sliced.then_some(range));
             let mut sub = self.nested(step, dropout_calls);
             let result = (|| -> Result<()> {
-                let xs = views
-                    .into_iter()
-                    .map(|t| sub.input(t))
-                    .collect::<Result<Vec<_>>>()?;
+                let xs = sub.record_views(views, None)?;
                 let outs = forward(&mut sub, &xs, range.clone())?;
                 ensure!(
                     chunks.len() == 1 || sub.dropout_calls == dropout_calls,
@@ -1019,17 +1042,7 @@ impl Tape {
             let views = self.segment_inputs(inputs, sliced.then_some(range));
             let mut sub = self.nested(step, dropout_calls);
             let result = (|| -> Result<()> {
-                let xs = views
-                    .into_iter()
-                    .zip(&needs)
-                    .map(|(t, &n)| {
-                        if n {
-                            sub.input_with_grad(t)
-                        } else {
-                            sub.input(t)
-                        }
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let xs = sub.record_views(views, Some(&needs))?;
                 let outs = forward(&mut sub, &xs, range.clone())?;
                 ensure!(
                     outs.len() == dys.len(),

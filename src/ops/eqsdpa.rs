@@ -415,7 +415,7 @@ fn forward_tile<R: EqsdpaReal>(
     let (t, dh, dv) = (d.t, d.dh, d.dv());
     let rows = lse.len();
     let zero = R::of(0.0);
-    // Running maximum and sum per query, kept in lse's slots until the end (m) and in `l`.
+    // Running maximum and sum of each query of the tile.
     let mut m = [-inf::<R>(); CPU_QUERY_TILE];
     let mut l = [zero; CPU_QUERY_TILE];
     s.resize(rows * CPU_KEY_TILE.min(t), zero);
@@ -460,8 +460,8 @@ fn forward_tile<R: EqsdpaReal>(
 /// of the backward), compiled three times: for the target's baseline and, on x86-64 CPUs that
 /// have them, with AVX2 (8 floats a vector, where the baseline has 4) and with AVX-512 (16).
 /// Every build computes the same values bit for bit (no fused multiply-adds: LLVM does not
-/// contract `a * b + c`), so results do not depend on the machine's vector width. Sums and maxima run in 8 interleaved lanes
-/// added in a fixed tree: vectorised, and deterministic.
+/// contract `a * b + c`), so results do not depend on the machine's vector width. Sums and
+/// maxima run in 8 interleaved lanes added in a fixed tree: vectorised, and deterministic.
 mod row_kernels {
     use super::{inf, EqsdpaReal};
 
@@ -503,34 +503,6 @@ mod row_kernels {
         s
     }
 
-    #[inline(always)]
-    fn softmax_row_body<R: EqsdpaReal>(
-        s: &mut [R],
-        mask: Option<&[u8]>,
-        scale: R,
-        m: &mut R,
-        l: &mut R,
-    ) -> R {
-        let zero = R::of(0.0);
-        match mask {
-            // A masked key's score is -inf: its P is exactly 0.
-            Some(mk) => s.iter_mut().zip(mk).for_each(|(x, &k)| {
-                *x = if k != 0 { scale * *x } else { -inf::<R>() };
-            }),
-            None => s.iter_mut().for_each(|x| *x = scale * *x),
-        }
-        let tmax = max8(s);
-        let m_new = if tmax > *m { tmax } else { *m };
-        // A row that has seen only masked keys keeps m = -inf: exponents are taken against 0
-        // instead, which gives P = 0 and alpha = 0, never exp(-inf - -inf) = NaN.
-        let m_use = if m_new == -inf::<R>() { zero } else { m_new };
-        let alpha = R::exp_fast(*m - m_use);
-        s.iter_mut().for_each(|x| *x = R::exp_fast(*x - m_use));
-        *l = *l * alpha + sum8(s);
-        *m = m_new;
-        alpha
-    }
-
     simd_dispatch! {
         /// One row of the forward's online softmax over a key tile: scales the scores `s` in
         /// place (masked keys to -inf), updates the running maximum `m` and sum `l`, leaves
@@ -542,24 +514,25 @@ mod row_kernels {
             scale: R,
             m: &mut R,
             l: &mut R,
-        ) -> R = softmax_row_body;
-    }
-
-    #[inline(always)]
-    fn p_ds_row_body<R: EqsdpaReal>(
-        s: &mut [R],
-        p: &mut [R],
-        dp: &[f64],
-        lse: &[R],
-        dsum: &[f64],
-        scale: R,
-    ) {
-        let n = s.len();
-        let (p, dp, lse, dsum) = (&mut p[..n], &dp[..n], &lse[..n], &dsum[..n]);
-        for i in 0..n {
-            let pi = R::exp_diff(scale * s[i], lse[i]);
-            p[i] = pi;
-            s[i] = pi * R::of(dp[i] - dsum[i]);
+        ) -> R {
+            let zero = R::of(0.0);
+            match mask {
+                // A masked key's score is -inf: its P is exactly 0.
+                Some(mk) => s.iter_mut().zip(mk).for_each(|(x, &k)| {
+                    *x = if k != 0 { scale * *x } else { -inf::<R>() };
+                }),
+                None => s.iter_mut().for_each(|x| *x = scale * *x),
+            }
+            let tmax = max8(s);
+            let m_new = if tmax > *m { tmax } else { *m };
+            // A row that has seen only masked keys keeps m = -inf: exponents are taken against 0
+            // instead, which gives P = 0 and alpha = 0, never exp(-inf - -inf) = NaN.
+            let m_use = if m_new == -inf::<R>() { zero } else { m_new };
+            let alpha = R::exp_fast(*m - m_use);
+            s.iter_mut().for_each(|x| *x = R::exp_fast(*x - m_use));
+            *l = *l * alpha + sum8(s);
+            *m = m_new;
+            alpha
         }
     }
 
@@ -574,7 +547,15 @@ mod row_kernels {
             lse: &[R],
             dsum: &[f64],
             scale: R,
-        ) = p_ds_row_body;
+        ) {
+            let n = s.len();
+            let (p, dp, lse, dsum) = (&mut p[..n], &dp[..n], &lse[..n], &dsum[..n]);
+            for i in 0..n {
+                let pi = R::exp_diff(scale * s[i], lse[i]);
+                p[i] = pi;
+                s[i] = pi * R::of(dp[i] - dsum[i]);
+            }
+        }
     }
 
     #[cfg(test)]
@@ -669,6 +650,45 @@ fn backward_key_groups(bh: usize, key_tiles: usize) -> usize {
     (32 / bh.max(1)).clamp(1, key_tiles.max(1))
 }
 
+/// A rayon task's tiles of S^T / dS^T, P^T and dP^T in the backward, reused from task to task.
+struct GroupScratch<R> {
+    st: Vec<R>,
+    pt: Vec<R>,
+    dpt: Vec<f64>,
+}
+
+impl<R> Default for GroupScratch<R> {
+    fn default() -> Self {
+        Self {
+            st: Vec::new(),
+            pt: Vec::new(),
+            dpt: Vec::new(),
+        }
+    }
+}
+
+/// A rayon task's f64 copies of one pair's values and dout and its `D`, reused pair after pair,
+/// with the task's tiles.
+struct PairScratch<R> {
+    v64: Vec<f64>,
+    dout64: Vec<f64>,
+    out64: Vec<f64>,
+    dsum: Vec<f64>,
+    group: GroupScratch<R>,
+}
+
+impl<R> Default for PairScratch<R> {
+    fn default() -> Self {
+        Self {
+            v64: Vec::new(),
+            dout64: Vec::new(),
+            out64: Vec::new(),
+            dsum: Vec::new(),
+            group: GroupScratch::default(),
+        }
+    }
+}
+
 /// One (frame, head) pair's operands in the backward: q, k, values and dout in the working
 /// precision, values and dout also in f64 (for dP), the row log-sum-exps and `D` in f64.
 struct PairOperands<'a, R> {
@@ -695,12 +715,16 @@ fn backward_group<R: EqsdpaReal>(
     scale: R,
     k0: usize,
     (dq, dk, dvv): (&mut [R], &mut [R], &mut [R]),
+    scratch: &mut GroupScratch<R>,
 ) {
     let (t, dh, dv) = (d.t, d.dh, d.dv());
     let (qb, kb, ob) = (op.q, op.k, op.dout);
     let zero = R::of(0.0);
     let tile = CPU_KEY_TILE * CPU_QUERY_TILE.min(t);
-    let (mut st, mut pt, mut dpt) = (vec![zero; tile], vec![zero; tile], vec![0.0f64; tile]);
+    let GroupScratch { st, pt, dpt } = scratch;
+    st.resize(tile, zero);
+    pt.resize(tile, zero);
+    dpt.resize(tile, 0.0);
     dq.iter_mut().for_each(|x| *x = zero);
     dk.iter_mut().for_each(|x| *x = zero);
     dvv.iter_mut().for_each(|x| *x = zero);
@@ -780,28 +804,35 @@ pub fn eqsdpa_backward_host<R: EqsdpaReal>(
         .zip(dk.par_chunks_mut(t * dh))
         .zip(dvalues.par_chunks_mut(t * dv))
         .enumerate()
-        .for_each(|(bh, ((dq, dk), dvv))| {
-            let wide = |x: &[R]| x.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+        .for_each_init(PairScratch::default, |scr, (bh, ((dq, dk), dvv))| {
+            let wide = |x: &[R], to: &mut Vec<f64>| {
+                to.clear();
+                to.extend(x.iter().map(|v| v.to_f64()));
+            };
             let g = &dout[bh * t * dv..][..t * dv];
-            let (v64, dout64) = (wide(&values[bh * t * dv..][..t * dv]), wide(g));
-            let ob = &out[bh * t * dv..][..t * dv];
-            let dsum: Vec<f64> = dout64
-                .chunks(dv)
-                .zip(ob.chunks(dv))
-                .map(|(g, o)| dot(g, &wide(o)))
-                .collect();
+            wide(&values[bh * t * dv..][..t * dv], &mut scr.v64);
+            wide(g, &mut scr.dout64);
+            wide(&out[bh * t * dv..][..t * dv], &mut scr.out64);
+            scr.dsum.clear();
+            scr.dsum.extend(
+                scr.dout64
+                    .chunks(dv)
+                    .zip(scr.out64.chunks(dv))
+                    .map(|(g, o)| dot(g, o)),
+            );
             let op = PairOperands {
                 q: &q[bh * t * dh..][..t * dh],
                 k: &k[bh * t * dh..][..t * dh],
                 dout: g,
-                v64: &v64,
-                dout64: &dout64,
+                v64: &scr.v64,
+                dout64: &scr.dout64,
                 lse: &lse[bh * t..][..t],
-                dsum: &dsum,
+                dsum: &scr.dsum,
             };
             let mask_row = mask.map(|m| &m[(bh / dims.heads) * t..][..t]);
             if groups == 1 {
-                backward_group(&op, mask_row, dims, scale, 0, (dq, dk, dvv));
+                let tiles = &mut scr.group;
+                backward_group(&op, mask_row, dims, scale, 0, (dq, dk, dvv), tiles);
             } else {
                 let mut parts = vec![R::of(0.0); groups * t * dh];
                 parts
@@ -809,9 +840,9 @@ pub fn eqsdpa_backward_host<R: EqsdpaReal>(
                     .zip(dk.par_chunks_mut(group_keys * dh))
                     .zip(dvv.par_chunks_mut(group_keys * dv))
                     .enumerate()
-                    .for_each(|(g, ((dqg, dk), dvv))| {
+                    .for_each_init(GroupScratch::default, |tiles, (g, ((dqg, dk), dvv))| {
                         let k0 = g * group_keys;
-                        backward_group(&op, mask_row, dims, scale, k0, (dqg, dk, dvv));
+                        backward_group(&op, mask_row, dims, scale, k0, (dqg, dk, dvv), tiles);
                     });
                 dq.copy_from_slice(&parts[..t * dh]);
                 for part in parts[t * dh..].chunks(t * dh) {

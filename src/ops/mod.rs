@@ -2,13 +2,14 @@
 //! cpu device's f32 implementation and the tests' f64 reference), a CUDA kernel of the same name
 //! in `cuda/`, and a backward; tests in `tests/` of the same name run it on every device.
 
-/// Defines `$name(args)`, which runs the `#[inline(always)]` function `$body(args)` compiled
-/// for the widest vector extension this CPU has ([`simd_level`]), and `$at(level, args)`,
-/// which runs it at `level` or the CPU's, whichever is lower (tests compare the builds). Each
-/// build is a `#[target_feature]` copy of the same body, so they give the same bits.
+/// Defines `$name(args)`, which runs `body` (the block given, as an `#[inline(always)]`
+/// function of the same arguments) compiled for the widest vector extension this CPU has
+/// ([`simd_level`]), and `$at(level, args)`, which runs it at `level` or the CPU's, whichever
+/// is lower (tests compare the builds). Each build is a `#[target_feature]` copy of the same
+/// body, so they give the same bits.
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident / $at:ident <$R:ident: $bound:path>
-        ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident;) => {
+        ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         #[inline]
         $vis fn $name<$R: $bound>($($arg: $ty),*) $(-> $ret)? {
@@ -19,17 +20,20 @@ macro_rules! simd_dispatch {
         /// 2 AVX-512) or this CPU's, whichever is lower.
         #[allow(dead_code, clippy::too_many_arguments)]
         $vis fn $at<$R: $bound>(level: u8, $($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body<$R: $bound>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2<$R: $bound>($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
+                    body($($arg),*)
                 }
                 #[target_feature(enable = "avx512f,avx512vl,avx2")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512<$R: $bound>($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
+                    body($($arg),*)
                 }
                 match level.min($crate::ops::simd_level()) {
                     // SAFETY: the CPU has the features (asked at run time, just above).
@@ -41,7 +45,7 @@ macro_rules! simd_dispatch {
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = level;
-            $body($($arg),*)
+            body($($arg),*)
         }
     };
 }

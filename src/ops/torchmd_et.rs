@@ -415,53 +415,10 @@ pub fn et_message_forward_host<R: PainnReal>(
         );
 }
 
-/// One destination atom of [`et_message_forward_host`]: its messages summed over its edges.
-/// Each edge's four filter activations `silu(pre)` are taken in one loop ([`silu_fast`]), which
-/// vectorises; the whole row is compiled for each vector width ([`crate::ops::simd_level`]).
-#[inline(always)]
-fn forward_row_body<R: PainnReal>(
-    t: &Twin<'_, R>,
-    i: usize,
-    x: &mut Edge<R>,
-    attn: &mut [R],
-    spre: &mut [R],
-    xo: &mut [R],
-    vo: &mut [R],
-) {
-    let (h, s, graph) = (t.h, &t.s, &t.g);
-    let hd = h / t.heads;
-    let zero = R::of(0.0);
-    xo.fill(zero);
-    vo.fill(zero);
-    let qi = &s.q[i * h..(i + 1) * h];
-    for e in t.row(i) {
-        let j = graph.col[e] as usize;
-        t.eval(x, i, j, e, false, false);
-        for (o, &p) in spre.iter_mut().zip(&x.pre) {
-            *o = silu_fast(p);
-        }
-        let kj = &s.key[j * h..(j + 1) * h];
-        for (a, at) in attn.iter_mut().enumerate() {
-            let z = (a * hd..(a + 1) * hd)
-                .map(|c| qi[c] * kj[c] * spre[c])
-                .sum::<R>();
-            *at = silu(z) * x.fc;
-        }
-        let vj = &s.val[j * 3 * h..(j + 1) * 3 * h];
-        let cj = &s.vec[j * 3 * h..(j + 1) * 3 * h];
-        for c in 0..h {
-            xo[c] = xo[c] + attn[c / hd] * (vj[c] * spre[h + c]);
-            let x1 = x.fc * (vj[h + c] * spre[2 * h + c]);
-            let x2 = x.fc * (vj[2 * h + c] * spre[3 * h + c]);
-            for d in 0..3 {
-                vo[d * h + c] = vo[d * h + c] + (cj[d * h + c] * x1 + x2 * x.u[d]);
-            }
-        }
-    }
-}
-
 simd_dispatch! {
-    /// [`forward_row_body`] at this CPU's vector width.
+    /// One destination atom of [`et_message_forward_host`]: its messages summed over its
+    /// edges. Each edge's four filter activations `silu(pre)` are taken in one loop
+    /// ([`silu_fast`]), which vectorises; the whole row is compiled for each vector width.
     fn forward_row / forward_row_at<R: PainnReal>(
         t: &Twin<'_, R>,
         i: usize,
@@ -470,7 +427,38 @@ simd_dispatch! {
         spre: &mut [R],
         xo: &mut [R],
         vo: &mut [R],
-    ) = forward_row_body;
+    ) {
+        let (h, s, graph) = (t.h, &t.s, &t.g);
+        let hd = h / t.heads;
+        let zero = R::of(0.0);
+        xo.fill(zero);
+        vo.fill(zero);
+        let qi = &s.q[i * h..(i + 1) * h];
+        for e in t.row(i) {
+            let j = graph.col[e] as usize;
+            t.eval(x, i, j, e, false, false);
+            for (o, &p) in spre.iter_mut().zip(&x.pre) {
+                *o = silu_fast(p);
+            }
+            let kj = &s.key[j * h..(j + 1) * h];
+            for (a, at) in attn.iter_mut().enumerate() {
+                let z = (a * hd..(a + 1) * hd)
+                    .map(|c| qi[c] * kj[c] * spre[c])
+                    .sum::<R>();
+                *at = silu(z) * x.fc;
+            }
+            let vj = &s.val[j * 3 * h..(j + 1) * 3 * h];
+            let cj = &s.vec[j * 3 * h..(j + 1) * 3 * h];
+            for c in 0..h {
+                xo[c] = xo[c] + attn[c / hd] * (vj[c] * spre[h + c]);
+                let x1 = x.fc * (vj[h + c] * spre[2 * h + c]);
+                let x2 = x.fc * (vj[2 * h + c] * spre[3 * h + c]);
+                for d in 0..3 {
+                    vo[d * h + c] = vo[d * h + c] + (cj[d * h + c] * x1 + x2 * x.u[d]);
+                }
+            }
+        }
+    }
 }
 
 /// CPU twin of [`et_message_backward`] from the upstream gradients `gx [N, H]` and
