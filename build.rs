@@ -44,8 +44,41 @@ fn main() {
     if !sources.is_empty() {
         build.compile("hiermd_emu_kernels");
     }
+    let stems: Vec<String> = sources
+        .iter()
+        .map(|s| s.file_stem().unwrap().to_str().unwrap().to_string())
+        .collect();
+    writeln!(
+        table,
+        "/// Every module with its kernels, in file order (the device check's coverage list).\npub static ALL: &[(&crate::launch::Module, &[&crate::launch::Kernel])] = &[{}];",
+        stems
+            .iter()
+            .map(|s| format!("(&{s}::MODULE, {s}::KERNELS)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+    .unwrap();
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("kernels.rs");
     std::fs::write(out, table).unwrap();
+}
+
+/// Modules whose kernels only the tests launch (`tests/emu_shim.rs`, `tests/emu_mma.rs`).
+const TEST_ONLY_MODULES: &[&str] = &["mma_check", "shim_check"];
+
+/// Raw deflate at the best ratio: PTX is text and shrinks about tenfold.
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// `ptx` with its `.target FROM` line replaced by `.target TO` (None when it has no such line).
+/// The same rule is applied when the module is loaded (`launch::Module::ptx`).
+fn retarget(ptx: &str, from: &str, to: &str) -> Option<String> {
+    let line = format!(".target {from}");
+    let at = ptx.find(&line)?;
+    Some(format!("{}.target {to}{}", &ptx[..at], &ptx[at + line.len()..]))
 }
 
 fn module_table(root: &Path, src: &Path, table: &mut String) {
@@ -60,22 +93,45 @@ fn module_table(root: &Path, src: &Path, table: &mut String) {
 
     writeln!(table, "/// Kernels of `cuda/{stem}.cu`.").unwrap();
     writeln!(table, "pub mod {stem} {{").unwrap();
-    let mut ptx = Vec::new();
-    for arch in [80, 90] {
-        let path = root.join(format!("ptx/{stem}.sm_{arch}.ptx"));
-        if path.exists() {
-            ptx.push(format!("include_str!({:?})", path.to_str().unwrap()));
-        } else {
-            // A clear message instead of include_str!'s "file not found".
-            ptx.push(format!(
-                "{{ compile_error!(\"ptx/{stem}.sm_{arch}.ptx is missing: run scripts/build-ptx\"); \"\" }}"
-            ));
+    let read = |arch: u32| -> Option<String> {
+        std::fs::read_to_string(root.join(format!("ptx/{stem}.sm_{arch}.ptx"))).ok()
+    };
+    let (sm80, sm90) = match (read(80), read(90)) {
+        (Some(a), Some(b)) => (a, b),
+        _ => {
+            // A clear message instead of a panic in the build script.
+            writeln!(
+                table,
+                "    compile_error!(\"ptx/{stem}.sm_80.ptx or .sm_90.ptx is missing: run scripts/build-ptx\");"
+            )
+            .unwrap();
+            (String::new(), String::new())
         }
-    }
+    };
+    // The test-only modules (emulator and tensor-core self-tests) carry no PTX in a build
+    // without the `test-kernels` feature: they are launched only by tests.
+    let test_only = TEST_ONLY_MODULES.contains(&stem);
+    let embed = !test_only || std::env::var_os("CARGO_FEATURE_TEST_KERNELS").is_some();
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let blob = |text: &str, arch: u32| -> String {
+        if !embed {
+            return "&[]".into();
+        }
+        let path = out_dir.join(format!("{stem}.sm_{arch}.ptx.deflate"));
+        std::fs::write(&path, deflate(text.as_bytes())).unwrap();
+        format!("include_bytes!({:?})", path.to_str().unwrap())
+    };
+    let sm80_blob = blob(&sm80, 80);
+    // Most modules' sm_90 PTX is the sm_80 text with another `.target` line: stored once, and
+    // the target patched when the module is loaded.
+    let sm90_blob = if retarget(&sm80, "sm_80", "sm_90").as_deref() == Some(sm90.as_str()) {
+        "None".to_string()
+    } else {
+        format!("Some({})", blob(&sm90, 90))
+    };
     writeln!(
         table,
-        "    /// The PTX module.\n    pub static MODULE: crate::launch::Module = crate::launch::Module {{ name: {stem:?}, ptx_sm80: {}, ptx_sm90: {} }};",
-        ptx[0], ptx[1]
+        "    /// The PTX module.\n    pub static MODULE: crate::launch::Module = crate::launch::Module {{ name: {stem:?}, test_only: {test_only}, ptx_sm80: {sm80_blob}, ptx_sm90: {sm90_blob}, text: [std::sync::OnceLock::new(), std::sync::OnceLock::new()] }};"
     )
     .unwrap();
     for k in &kernels {
@@ -91,5 +147,12 @@ fn module_table(root: &Path, src: &Path, table: &mut String) {
         )
         .unwrap();
     }
+    let list: Vec<String> = kernels.iter().map(|k| format!("&{}", k.to_uppercase())).collect();
+    writeln!(
+        table,
+        "    /// Every kernel of this module.\n    pub static KERNELS: &[&crate::launch::Kernel] = &[{}];",
+        list.join(", ")
+    )
+    .unwrap();
     writeln!(table, "}}").unwrap();
 }

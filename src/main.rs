@@ -29,12 +29,35 @@ enum Command {
     /// featurizes them, trains a VAMPnet and an SPIB model, analyses both against a phi/psi
     /// Markov model, and writes the plots to a run folder.
     Demo(hiermd::workflow::demo::DemoArgs),
-    /// Runs every op on the chosen device and on emu, checks each against the f64 reference, and
-    /// prints errors and timings.
+    /// The device check: every kernel family forward and backward on the chosen device against
+    /// the f64 CPU twins, then ten training steps on the device against cpu; one line per
+    /// check, a JSON report, exit status 1 when anything fails.
     Selfcheck {
-        /// Elements per op.
-        #[arg(long, default_value_t = 1 << 20)]
-        size: usize,
+        /// Only these families (comma-separated; all by default).
+        #[arg(long, value_delimiter = ',')]
+        family: Vec<String>,
+        /// Smaller shapes (a dry run on emu or cpu).
+        #[arg(long)]
+        quick: bool,
+        /// Seed of the random inputs (printed; replays a run).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Run every family in this process (faster; a CUDA fault then ends the run) instead
+        /// of one child process each.
+        #[arg(long)]
+        in_process: bool,
+        /// Time limit of one family in seconds.
+        #[arg(long, default_value_t = 300)]
+        family_timeout: u64,
+        /// Internal: run one family and print its report for the parent process.
+        #[arg(long, hide = true)]
+        child: bool,
+        /// List the families and exit.
+        #[arg(long)]
+        list: bool,
     },
     /// Train a VAMPnet or SPIB model (one TOML file describes the run; flags override it).
     Train(hiermd::workflow::cli::TrainArgs),
@@ -125,9 +148,39 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Selfcheck { size } => {
-            let dev = Device::open(cli.device)?;
-            hiermd::demo::run(&dev, size)
+        Command::Selfcheck {
+            family,
+            quick,
+            seed,
+            json,
+            in_process,
+            family_timeout,
+            child,
+            list,
+        } => {
+            if list {
+                for f in hiermd::selfcheck::FAMILIES {
+                    println!("{}", f.name);
+                }
+                return Ok(());
+            }
+            let opts = hiermd::selfcheck::Options {
+                device: cli.device,
+                families: family,
+                quick,
+                seed,
+                json,
+                in_process,
+                family_timeout_s: family_timeout,
+            };
+            if child {
+                return hiermd::selfcheck::child(&opts);
+            }
+            let report = hiermd::selfcheck::run(&opts)?;
+            if !report.ok {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Bench(args) => hiermd::bench::run(&args, &Device::open(cli.device)?),
         Command::Demo(args) => hiermd::workflow::demo::run(&args, &Device::open(cli.device)?),

@@ -148,8 +148,19 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: the stream belongs to this device.
-        unsafe { result::stream::synchronize(self.stream) }
-            .with_context(|| format!("{}: a kernel or copy failed", self.info.name))
+        unsafe { result::stream::synchronize(self.stream) }.with_context(|| self.fault_context())
+    }
+
+    /// What an asynchronous failure is blamed on: the last kernel launched before it was seen
+    /// (exactly the faulty one under `CUDA_LAUNCH_BLOCKING=1`).
+    fn fault_context(&self) -> String {
+        match crate::launch::last_launched() {
+            Some(k) => format!(
+                "{}: a kernel or copy failed (last kernel launched: {k}; rerun with CUDA_LAUNCH_BLOCKING=1 to name the faulty one for certain)",
+                self.info.name
+            ),
+            None => format!("{}: a copy failed", self.info.name),
+        }
     }
 
     pub(crate) fn alloc(&self, bytes: usize) -> Result<u64> {
@@ -170,12 +181,20 @@ impl CudaDevice {
         }
     }
 
+    /// Copies `src` to `dst` on this device's stream, after the work queued before it and before
+    /// any queued after it. A synchronous `cuMemcpyHtoD` would run on the legacy default stream,
+    /// which does not order against our non-blocking stream, and from pageable memory it returns
+    /// once the bytes are staged, not when they have arrived: a kernel queued next could read
+    /// the buffer while the DMA is still in flight. The wait at the end also lets the caller
+    /// reuse `src` at once.
     pub(crate) fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.bind()?;
-        // SAFETY: `dst` holds at least src.len() bytes (checked by the tensor layer).
+        // SAFETY: `dst` holds at least src.len() bytes (checked by the tensor layer); `src`
+        // outlives the copy because we wait for the stream before returning.
         unsafe {
-            result::stream::synchronize(self.stream)?;
-            result::memcpy_htod_sync(dst, src)?;
+            result::memcpy_htod_async(dst, src, self.stream)
+                .with_context(|| format!("cuda:{}: upload of {} bytes", self.info.ordinal, src.len()))?;
+            result::stream::synchronize(self.stream).with_context(|| self.fault_context())?;
         }
         Ok(())
     }
@@ -193,21 +212,12 @@ impl CudaDevice {
         self.bind()?;
         // SAFETY: `src` holds at least dst.len() bytes (checked by the tensor layer).
         unsafe {
-            result::stream::synchronize(self.stream)
-                .with_context(|| format!("{}: a kernel failed", self.info.name))?;
+            result::stream::synchronize(self.stream).with_context(|| self.fault_context())?;
             result::memcpy_dtoh_sync(dst, src)?;
         }
         Ok(())
     }
 
-    /// PTX for this GPU: the sm_90 build on Hopper and newer, else the sm_80 build.
-    fn ptx(&self, module: &crate::launch::Module) -> &'static str {
-        if self.info.compute_capability.0 >= 9 {
-            module.ptx_sm90
-        } else {
-            module.ptx_sm80
-        }
-    }
 
     pub(crate) fn function(&self, k: &crate::launch::Kernel) -> Result<sys::CUfunction> {
         self.bind()?;
@@ -219,15 +229,15 @@ impl CudaDevice {
         let module = match mods.get(k.module.name) {
             Some(&m) => m as sys::CUmodule,
             None => {
-                let image = CString::new(self.ptx(k.module))?;
-                // SAFETY: a NUL-terminated PTX image.
-                let m = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
-                    .with_context(|| {
-                        format!(
-                            "loading PTX module {} on {} (PTX ISA 9.0 needs a CUDA 13.0 driver, 580 or newer; this one is {})",
-                            k.module.name, self.info.name, self.info.driver_version
-                        )
-                    })?;
+                let image = CString::new(k.module.ptx(self.info.compute_capability.0)?)?;
+                let m = load_module(&image).map_err(|(err, log)| {
+                    anyhow!(module_load_error(
+                        k.module.name,
+                        &self.info,
+                        &err.to_string(),
+                        &log
+                    ))
+                })?;
                 mods.insert(k.module.name, m as usize);
                 m
             }
@@ -239,6 +249,61 @@ impl CudaDevice {
         fns.insert((k.module.name, k.name), f as usize);
         Ok(f)
     }
+}
+
+/// Size of the JIT compiler's error log buffer.
+const JIT_LOG_BYTES: usize = 16 * 1024;
+
+/// Loads a PTX image, asking the JIT compiler for its error log: on failure, the driver's error
+/// and the log (what ptxas said about which line).
+fn load_module(image: &CString) -> std::result::Result<sys::CUmodule, (result::DriverError, String)> {
+    let mut log = vec![0u8; JIT_LOG_BYTES];
+    let mut options = [
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+    ];
+    // Option values are passed as pointer-sized words: a pointer, then a byte count.
+    let mut values = [log.as_mut_ptr() as *mut c_void, JIT_LOG_BYTES as *mut c_void];
+    let mut module = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated PTX image; the log buffer outlives the call and its size is
+    // stated in the options.
+    let rc = unsafe {
+        sys::cuModuleLoadDataEx(
+            &mut module,
+            image.as_ptr() as *const c_void,
+            options.len() as u32,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
+        )
+    };
+    match rc.result() {
+        Ok(()) => Ok(module),
+        Err(e) => {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            Err((e, String::from_utf8_lossy(&log[..end]).trim().to_string()))
+        }
+    }
+}
+
+/// The message for a module that failed to load: the module, the GPU, the driver's error and the
+/// JIT compiler's log. The driver is blamed only when the error says the PTX is too new for it.
+pub fn module_load_error(module: &str, gpu: &CudaInfo, error: &str, jit_log: &str) -> String {
+    let mut msg = format!(
+        "loading PTX module {module} on {} (compute capability {}.{}, driver CUDA {}): {error}",
+        gpu.name, gpu.compute_capability.0, gpu.compute_capability.1, gpu.driver_version
+    );
+    if error.contains("UNSUPPORTED_PTX_VERSION") {
+        msg.push_str(
+            "; the PTX (ISA 9.0) needs a driver for CUDA 13.0 or newer (580+)",
+        );
+    }
+    if jit_log.is_empty() {
+        msg.push_str("; the JIT compiler left no log");
+    } else {
+        msg.push_str("; JIT compiler log:\n");
+        msg.push_str(jit_log);
+    }
+    msg
 }
 
 impl Drop for CudaDevice {
