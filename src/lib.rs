@@ -24,6 +24,7 @@ pub mod npy;
 pub mod objectives;
 pub mod ops;
 pub mod optim;
+pub mod output;
 pub mod plot;
 pub mod progress;
 pub mod select;

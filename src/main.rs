@@ -93,11 +93,19 @@ enum Command {
         #[arg(long)]
         token_map: Option<PathBuf>,
         /// Time between frames in ps (for formats without times, or to override them).
-        #[arg(long)]
+        // Negative numbers reach the validation, which names the flag (`--dt -1`).
+        #[arg(long, allow_negative_numbers = true)]
         dt: Option<f64>,
-        /// Replace an existing dataset.
+        /// Replace an existing dataset (only a hiermd dataset, never another folder).
         #[arg(long)]
         force: bool,
+    },
+    /// Check a dataset, feature store, run folder or model file in full: every checksum, every
+    /// header against the manifest, token indices, every coordinate finite and within 1e6 A.
+    /// Says what is wrong (exit status 1) or what it checked.
+    Verify {
+        /// The dataset, feature store, run folder (train or pretrain) or model file.
+        path: PathBuf,
     },
     /// Show what a dataset holds.
     Info {
@@ -112,7 +120,7 @@ enum Command {
         /// The dataset folder.
         dir: PathBuf,
         /// Trajectory index (0-based, as `hiermd info` lists them).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         traj: usize,
         /// Frames START:END (END exclusive; either may be empty).
         #[arg(long, default_value = ":")]
@@ -123,6 +131,9 @@ enum Command {
         /// Output file.
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing file at --out.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -234,6 +245,12 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Verify { path } => {
+            if !store::verify::verify_command(&path)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Info { dir, json } => {
             let ds = Dataset::open(&dir)?;
             if json {
@@ -249,9 +266,10 @@ fn run(cli: Cli) -> Result<()> {
             frames,
             format,
             out,
+            force,
         } => {
             let ds = Dataset::open(&dir)?;
-            let n = store::export(&ds, traj, &frames, format, &out)?;
+            let n = store::export_with(&ds, traj, &frames, format, &out, force)?;
             println!(
                 "wrote {n} frames of {} atoms to {}",
                 ds.natoms(),

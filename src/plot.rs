@@ -16,6 +16,11 @@
 //!   [`ScatterPlot::density_above`] points (20,000 by default) are drawn as tiny squares, one
 //!   `<path>` per colour; above that the points are binned into a density image.
 //!
+//! - [`svg_to_png`]: every `save_svg` also writes a PNG of the same picture beside the SVG (same
+//!   name, `.png`), rasterised here from the SVG itself (lines, markers, filled shapes, embedded
+//!   images, and text in a tiny built-in bitmap font), for viewers and clusters without an SVG
+//!   renderer.
+//!
 //! Every SVG text is XML-escaped, and every number written is finite: points with non-finite
 //! coordinates (or non-positive ones on a log axis) are skipped, and the SVG says how many in its
 //! `<desc>` and in a visible footnote.
@@ -980,9 +985,24 @@ fn embedded_png(s: &mut String, f: Frame, w: usize, h: usize, rgb: &[u8]) -> Res
     Ok(())
 }
 
+/// Writes the SVG to `path` and its rasterisation ([`svg_to_png`]) beside it, the same name
+/// with the extension `.png`, both atomically.
 fn save_text(path: &Path, what: &str, svg: Result<String>) -> Result<()> {
     let svg = svg.with_context(|| format!("{}: {what}", path.display()))?;
-    crate::optim::write_atomic(path, svg.as_bytes())
+    crate::optim::write_atomic(path, svg.as_bytes())?;
+    let png_path = if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    {
+        // Never overwrite the SVG just written with its PNG.
+        let mut p = path.as_os_str().to_owned();
+        p.push(".png");
+        std::path::PathBuf::from(p)
+    } else {
+        path.with_extension("png")
+    };
+    let png = svg_to_png(&svg).with_context(|| format!("{}: {what}", png_path.display()))?;
+    crate::optim::write_atomic(&png_path, &png)
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -1356,7 +1376,8 @@ impl Heatmap {
         Ok(svg_document(width, height, &self.title, &notes, &body))
     }
 
-    /// Writes the SVG (see [`Heatmap::to_svg`]) to `path`, atomically.
+    /// Writes the SVG (see [`Heatmap::to_svg`]) to `path` and its PNG ([`svg_to_png`]) beside it
+    /// (`path` with the extension `.png`), atomically.
     pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<()> {
         save_text(path.as_ref(), "heatmap", self.to_svg())
     }
@@ -1920,7 +1941,8 @@ impl LinePlot {
         Ok(svg_document(width, height, &self.title, &notes, &body))
     }
 
-    /// Writes the SVG (see [`LinePlot::to_svg`]) to `path`, atomically.
+    /// Writes the SVG (see [`LinePlot::to_svg`]) to `path` and its PNG ([`svg_to_png`]) beside it
+    /// (`path` with the extension `.png`), atomically.
     pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<()> {
         save_text(path.as_ref(), "line plot", self.to_svg())
     }
@@ -2442,8 +2464,1279 @@ impl ScatterPlot {
         Ok(svg_document(width, height, &self.title, &notes, &body))
     }
 
-    /// Writes the SVG (see [`ScatterPlot::to_svg`]) to `path`, atomically.
+    /// Writes the SVG (see [`ScatterPlot::to_svg`]) to `path` and its PNG ([`svg_to_png`]) beside it
+    /// (`path` with the extension `.png`), atomically.
     pub fn save_svg(&self, path: impl AsRef<Path>) -> Result<()> {
         save_text(path.as_ref(), "scatter plot", self.to_svg())
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// SVG to PNG.
+
+/// PNG pixels per SVG pixel of the PNGs written beside every SVG (see [`svg_to_png`]).
+pub const PNG_SCALE: f64 = 2.0;
+
+/// Samples per PNG pixel side: shapes are drawn at this many times the PNG's resolution and
+/// averaged down, which anti-aliases edges and text.
+const SUPERSAMPLE: usize = 3;
+
+/// The tiny built-in bitmap font: 5 x 9 cells (rows 0-6 above the baseline, 7-8 below it for
+/// descenders), one string per glyph, rows separated by `|`, `#` a set pixel. Printable ASCII;
+/// [`glyph`] maps a few other characters onto these and draws the rest as `?`.
+const FONT: [(char, &str); 95] = [
+    (' ', ""),
+    ('!', "..#..|..#..|..#..|..#..|..#..|.....|..#.."),
+    ('"', ".#.#.|.#.#.|.#.#."),
+    ('#', ".#.#.|.#.#.|#####|.#.#.|#####|.#.#.|.#.#."),
+    ('$', "..#..|.####|#.#..|.###.|..#.#|####.|..#.."),
+    ('%', "##...|##..#|...#.|..#..|.#...|#..##|...##"),
+    ('&', ".##..|#..#.|#.#..|.#...|#.#.#|#..#.|.##.#"),
+    ('\'', "..#..|..#..|..#.."),
+    ('(', "...#.|..#..|.#...|.#...|.#...|..#..|...#."),
+    (')', ".#...|..#..|...#.|...#.|...#.|..#..|.#..."),
+    ('*', ".....|..#..|#.#.#|.###.|#.#.#|..#..|....."),
+    ('+', ".....|..#..|..#..|#####|..#..|..#..|....."),
+    (',', ".....|.....|.....|.....|.....|.##..|..#..|.#..."),
+    ('-', ".....|.....|.....|#####|.....|.....|....."),
+    ('.', ".....|.....|.....|.....|.....|.##..|.##.."),
+    ('/', ".....|....#|...#.|..#..|.#...|#....|....."),
+    ('0', ".###.|#...#|#..##|#.#.#|##..#|#...#|.###."),
+    ('1', "..#..|.##..|..#..|..#..|..#..|..#..|.###."),
+    ('2', ".###.|#...#|....#|...#.|..#..|.#...|#####"),
+    ('3', "#####|...#.|..#..|...#.|....#|#...#|.###."),
+    ('4', "...#.|..##.|.#.#.|#..#.|#####|...#.|...#."),
+    ('5', "#####|#....|####.|....#|....#|#...#|.###."),
+    ('6', "..##.|.#...|#....|####.|#...#|#...#|.###."),
+    ('7', "#####|....#|...#.|..#..|.#...|.#...|.#..."),
+    ('8', ".###.|#...#|#...#|.###.|#...#|#...#|.###."),
+    ('9', ".###.|#...#|#...#|.####|....#|...#.|.##.."),
+    (':', ".....|.##..|.##..|.....|.##..|.##..|....."),
+    (';', ".....|.##..|.##..|.....|.##..|..#..|.#..."),
+    ('<', "...#.|..#..|.#...|#....|.#...|..#..|...#."),
+    ('=', ".....|.....|#####|.....|#####|.....|....."),
+    ('>', ".#...|..#..|...#.|....#|...#.|..#..|.#..."),
+    ('?', ".###.|#...#|....#|...#.|..#..|.....|..#.."),
+    ('@', ".###.|#...#|....#|.##.#|#.#.#|#.#.#|.###."),
+    ('A', ".###.|#...#|#...#|#####|#...#|#...#|#...#"),
+    ('B', "####.|#...#|#...#|####.|#...#|#...#|####."),
+    ('C', ".###.|#...#|#....|#....|#....|#...#|.###."),
+    ('D', "###..|#..#.|#...#|#...#|#...#|#..#.|###.."),
+    ('E', "#####|#....|#....|####.|#....|#....|#####"),
+    ('F', "#####|#....|#....|####.|#....|#....|#...."),
+    ('G', ".###.|#...#|#....|#.###|#...#|#...#|.####"),
+    ('H', "#...#|#...#|#...#|#####|#...#|#...#|#...#"),
+    ('I', ".###.|..#..|..#..|..#..|..#..|..#..|.###."),
+    ('J', "..###|...#.|...#.|...#.|...#.|#..#.|.##.."),
+    ('K', "#...#|#..#.|#.#..|##...|#.#..|#..#.|#...#"),
+    ('L', "#....|#....|#....|#....|#....|#....|#####"),
+    ('M', "#...#|##.##|#.#.#|#.#.#|#...#|#...#|#...#"),
+    ('N', "#...#|#...#|##..#|#.#.#|#..##|#...#|#...#"),
+    ('O', ".###.|#...#|#...#|#...#|#...#|#...#|.###."),
+    ('P', "####.|#...#|#...#|####.|#....|#....|#...."),
+    ('Q', ".###.|#...#|#...#|#...#|#.#.#|#..#.|.##.#"),
+    ('R', "####.|#...#|#...#|####.|#.#..|#..#.|#...#"),
+    ('S', ".####|#....|#....|.###.|....#|....#|####."),
+    ('T', "#####|..#..|..#..|..#..|..#..|..#..|..#.."),
+    ('U', "#...#|#...#|#...#|#...#|#...#|#...#|.###."),
+    ('V', "#...#|#...#|#...#|#...#|#...#|.#.#.|..#.."),
+    ('W', "#...#|#...#|#...#|#.#.#|#.#.#|#.#.#|.#.#."),
+    ('X', "#...#|#...#|.#.#.|..#..|.#.#.|#...#|#...#"),
+    ('Y', "#...#|#...#|.#.#.|..#..|..#..|..#..|..#.."),
+    ('Z', "#####|....#|...#.|..#..|.#...|#....|#####"),
+    ('[', ".###.|.#...|.#...|.#...|.#...|.#...|.###."),
+    ('\\', ".....|#....|.#...|..#..|...#.|....#|....."),
+    (']', ".###.|...#.|...#.|...#.|...#.|...#.|.###."),
+    ('^', "..#..|.#.#.|#...#"),
+    ('_', ".....|.....|.....|.....|.....|.....|#####"),
+    ('`', ".#...|..#.."),
+    ('a', ".....|.....|.###.|....#|.####|#...#|.####"),
+    ('b', "#....|#....|#.##.|##..#|#...#|#...#|####."),
+    ('c', ".....|.....|.###.|#....|#....|#...#|.###."),
+    ('d', "....#|....#|.##.#|#..##|#...#|#...#|.####"),
+    ('e', ".....|.....|.###.|#...#|#####|#....|.###."),
+    ('f', "..##.|.#..#|.#...|###..|.#...|.#...|.#..."),
+    ('g', ".....|.....|.####|#...#|#...#|#...#|.####|....#|.###."),
+    ('h', "#....|#....|#.##.|##..#|#...#|#...#|#...#"),
+    ('i', "..#..|.....|.##..|..#..|..#..|..#..|.###."),
+    ('j', "...#.|.....|..##.|...#.|...#.|...#.|...#.|#..#.|.##.."),
+    ('k', "#....|#....|#..#.|#.#..|##...|#.#..|#..#."),
+    ('l', ".##..|..#..|..#..|..#..|..#..|..#..|.###."),
+    ('m', ".....|.....|##.#.|#.#.#|#.#.#|#.#.#|#.#.#"),
+    ('n', ".....|.....|#.##.|##..#|#...#|#...#|#...#"),
+    ('o', ".....|.....|.###.|#...#|#...#|#...#|.###."),
+    ('p', ".....|.....|####.|#...#|#...#|#...#|####.|#....|#...."),
+    ('q', ".....|.....|.####|#...#|#...#|#...#|.####|....#|....#"),
+    ('r', ".....|.....|#.##.|##..#|#....|#....|#...."),
+    ('s', ".....|.....|.####|#....|.###.|....#|####."),
+    ('t', ".#...|.#...|###..|.#...|.#...|.#..#|..##."),
+    ('u', ".....|.....|#...#|#...#|#...#|#..##|.##.#"),
+    ('v', ".....|.....|#...#|#...#|#...#|.#.#.|..#.."),
+    ('w', ".....|.....|#...#|#...#|#.#.#|#.#.#|.#.#."),
+    ('x', ".....|.....|#...#|.#.#.|..#..|.#.#.|#...#"),
+    ('y', ".....|.....|#...#|#...#|#...#|#...#|.####|....#|.###."),
+    ('z', ".....|.....|#####|...#.|..#..|.#...|#####"),
+    ('{', "...#.|..#..|..#..|.#...|..#..|..#..|...#."),
+    ('|', "..#..|..#..|..#..|..#..|..#..|..#..|..#.."),
+    ('}', ".#...|..#..|..#..|...#.|..#..|..#..|.#..."),
+    ('~', ".....|.....|.#...|#.#.#|...#.|.....|....."),
+];
+
+/// The set pixels (column, row) of a character's glyph; characters outside printable ASCII are
+/// drawn as a close ASCII one where there is one, else as `?`.
+fn glyph(c: char) -> Vec<(usize, usize)> {
+    let c = match c {
+        c if (' '..='~').contains(&c) => c,
+        '\u{2212}' | '\u{2013}' | '\u{2014}' => '-',
+        '\u{00d7}' => 'x',
+        '\u{00b7}' | '\u{2022}' => '.',
+        '\u{00b5}' | '\u{03bc}' => 'u',
+        '\u{00c5}' => 'A',
+        '\u{03c3}' => 's',
+        '\u{03c4}' => 't',
+        '\u{03bb}' => 'l',
+        '\u{00a0}' | '\u{2009}' | '\u{202f}' => ' ',
+        _ => '?',
+    };
+    let rows = FONT
+        .iter()
+        .find(|(g, _)| *g == c)
+        .map_or("", |(_, rows)| *rows);
+    let mut out = Vec::new();
+    for (r, row) in rows.split('|').enumerate() {
+        for (col, ch) in row.chars().enumerate() {
+            if ch == '#' {
+                out.push((col, r));
+            }
+        }
+    }
+    out
+}
+
+/// A point in canvas pixels.
+type Pt = (f64, f64);
+
+/// How a region is painted.
+#[derive(Clone, Debug)]
+enum Paint {
+    Solid([u8; 3]),
+    /// A linear gradient in the painted shape's bounding-box units.
+    Gradient(Gradient),
+}
+
+#[derive(Clone, Debug)]
+struct Gradient {
+    from: Pt,
+    to: Pt,
+    stops: Vec<(f64, [u8; 3])>,
+}
+
+impl Gradient {
+    fn at(&self, t: f64) -> [u8; 3] {
+        let t = t.clamp(0.0, 1.0);
+        let s = &self.stops;
+        match s.iter().position(|(o, _)| *o >= t) {
+            None => s.last().map_or([0, 0, 0], |x| x.1),
+            Some(0) => s[0].1,
+            Some(i) => {
+                let (o0, c0) = s[i - 1];
+                let (o1, c1) = s[i];
+                let f = if o1 > o0 { (t - o0) / (o1 - o0) } else { 1.0 };
+                std::array::from_fn(|k| {
+                    (c0[k] as f64 + (c1[k] as f64 - c0[k] as f64) * f).round() as u8
+                })
+            }
+        }
+    }
+}
+
+/// A 2-D affine map `(x, y) -> (a x + c y + e, b x + d y + f)`.
+#[derive(Clone, Copy, Debug)]
+struct Affine([f64; 6]);
+
+impl Affine {
+    fn scale(s: f64) -> Self {
+        Affine([s, 0.0, 0.0, s, 0.0, 0.0])
+    }
+    fn apply(&self, p: Pt) -> Pt {
+        let [a, b, c, d, e, f] = self.0;
+        (a * p.0 + c * p.1 + e, b * p.0 + d * p.1 + f)
+    }
+    /// `self` after `other` (`other` applied first).
+    fn then(&self, other: &Affine) -> Affine {
+        let [a, b, c, d, e, f] = self.0;
+        let [a2, b2, c2, d2, e2, f2] = other.0;
+        Affine([
+            a * a2 + c * b2,
+            b * a2 + d * b2,
+            a * c2 + c * d2,
+            b * c2 + d * d2,
+            a * e2 + c * f2 + e,
+            b * e2 + d * f2 + f,
+        ])
+    }
+    /// The average length scale (for stroke widths).
+    fn scale_factor(&self) -> f64 {
+        let [a, b, c, d, _, _] = self.0;
+        (a * d - b * c).abs().sqrt()
+    }
+}
+
+/// Parses `rotate(a [cx cy])`, `translate(x [y])` and `scale(s [t])` lists (what this module
+/// writes); anything else is ignored.
+fn parse_transform(s: &str) -> Affine {
+    let mut m = Affine([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+    for part in s.split(')') {
+        let Some((name, args)) = part.split_once('(') else {
+            continue;
+        };
+        let v: Vec<f64> = args
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let t = match (name.trim(), v.as_slice()) {
+            ("rotate", [a, rest @ ..]) => {
+                let (cx, cy) = match rest {
+                    [cx, cy] => (*cx, *cy),
+                    _ => (0.0, 0.0),
+                };
+                let (s, c) = a.to_radians().sin_cos();
+                // translate(c) rotate(a) translate(-c)
+                Affine([c, s, -s, c, cx - c * cx + s * cy, cy - s * cx - c * cy])
+            }
+            ("translate", [x]) => Affine([1.0, 0.0, 0.0, 1.0, *x, 0.0]),
+            ("translate", [x, y]) => Affine([1.0, 0.0, 0.0, 1.0, *x, *y]),
+            ("scale", [x]) => Affine([*x, 0.0, 0.0, *x, 0.0, 0.0]),
+            ("scale", [x, y]) => Affine([*x, 0.0, 0.0, *y, 0.0, 0.0]),
+            _ => continue,
+        };
+        m = m.then(&t);
+    }
+    m
+}
+
+/// A binary coverage mask over a rectangle of the canvas.
+struct Mask {
+    x0: usize,
+    y0: usize,
+    w: usize,
+    h: usize,
+    on: Vec<bool>,
+}
+
+impl Mask {
+    /// A mask over the part of `bbox` (canvas pixels) inside `clip`.
+    fn new(bbox: (f64, f64, f64, f64), clip: (usize, usize, usize, usize)) -> Option<Mask> {
+        let x0 = (bbox.0.floor().max(clip.0 as f64)) as usize;
+        let y0 = (bbox.1.floor().max(clip.1 as f64)) as usize;
+        let x1 = (bbox.2.ceil().min(clip.2 as f64)).max(0.0) as usize;
+        let y1 = (bbox.3.ceil().min(clip.3 as f64)).max(0.0) as usize;
+        if !(bbox.0.is_finite() && bbox.1.is_finite() && bbox.2.is_finite() && bbox.3.is_finite())
+            || x1 <= x0
+            || y1 <= y0
+        {
+            return None;
+        }
+        let (w, h) = (x1 - x0, y1 - y0);
+        Some(Mask {
+            x0,
+            y0,
+            w,
+            h,
+            on: vec![false; w * h],
+        })
+    }
+
+    /// Sets the pixels whose centres lie inside the polygon (even-odd rule).
+    fn fill_polygon(&mut self, pts: &[Pt]) {
+        if pts.len() < 3 {
+            return;
+        }
+        let (mut ylo, mut yhi) = (f64::INFINITY, f64::NEG_INFINITY);
+        for p in pts {
+            ylo = ylo.min(p.1);
+            yhi = yhi.max(p.1);
+        }
+        if !(ylo.is_finite() && yhi.is_finite()) {
+            return;
+        }
+        let r0 = ((ylo - 0.5).ceil() - self.y0 as f64).max(0.0) as usize;
+        let r1 = (((yhi - 0.5).floor() - self.y0 as f64 + 1.0).max(0.0) as usize).min(self.h);
+        let mut xs: Vec<f64> = Vec::new();
+        for r in r0..r1 {
+            let yc = (self.y0 + r) as f64 + 0.5;
+            xs.clear();
+            for k in 0..pts.len() {
+                let a = pts[k];
+                let b = pts[(k + 1) % pts.len()];
+                if (a.1 <= yc && yc < b.1) || (b.1 <= yc && yc < a.1) {
+                    xs.push(a.0 + (yc - a.1) * (b.0 - a.0) / (b.1 - a.1));
+                }
+            }
+            xs.sort_by(f64::total_cmp);
+            for pair in xs.chunks_exact(2) {
+                let c0 = ((pair[0] - 0.5).ceil() - self.x0 as f64).max(0.0);
+                let c1 = ((pair[1] - 0.5).ceil() - self.x0 as f64).min(self.w as f64);
+                if c1 > c0 {
+                    let row = &mut self.on[r * self.w..(r + 1) * self.w];
+                    row[c0 as usize..c1 as usize].fill(true);
+                }
+            }
+        }
+    }
+}
+
+/// A regular polygon approximating a disc.
+fn disc(c: Pt, r: f64) -> Vec<Pt> {
+    let n = ((r * 2.0).ceil() as usize).clamp(8, 48);
+    (0..n)
+        .map(|i| {
+            let a = i as f64 / n as f64 * std::f64::consts::TAU;
+            (c.0 + r * a.cos(), c.1 + r * a.sin())
+        })
+        .collect()
+}
+
+/// Splits a polyline into the dashes of `pattern` (lengths alternating on and off).
+fn dashes(line: &[Pt], pattern: &[f64]) -> Vec<Vec<Pt>> {
+    let total: f64 = pattern.iter().sum();
+    if pattern.is_empty() || total <= 0.0 || pattern.iter().any(|v| *v < 0.0 || !v.is_finite()) {
+        return vec![line.to_vec()];
+    }
+    let mut out = Vec::new();
+    let mut k = 0;
+    let mut left = pattern[0];
+    let mut on = true;
+    let mut cur: Vec<Pt> = vec![line[0]];
+    for w in line.windows(2) {
+        let (mut a, b) = (w[0], w[1]);
+        let mut len = ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt();
+        while len > left {
+            let f = left / len;
+            let p = (a.0 + (b.0 - a.0) * f, a.1 + (b.1 - a.1) * f);
+            if on {
+                cur.push(p);
+                out.push(std::mem::take(&mut cur));
+            } else {
+                cur = vec![p];
+            }
+            on = !on;
+            len -= left;
+            a = p;
+            k = (k + 1) % pattern.len();
+            left = pattern[k];
+        }
+        left -= len;
+        if on {
+            cur.push(b);
+        }
+    }
+    if on && cur.len() > 1 {
+        out.push(cur);
+    }
+    out
+}
+
+/// Subpaths of an SVG path (`M L H V A Z` and their relative forms; curves, which this module
+/// never writes, end the parse), flattened to polylines, with whether each is closed.
+fn parse_path(d: &str) -> Vec<(Vec<Pt>, bool)> {
+    // Tokens: command letters and numbers.
+    let mut toks: Vec<Result<char, f64>> = Vec::new();
+    let b = d.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i] as char;
+        if c.is_ascii_alphabetic() && c != 'e' && c != 'E' {
+            toks.push(Ok(c));
+            i += 1;
+        } else if c.is_ascii_digit() || c == '-' || c == '+' || c == '.' {
+            let start = i;
+            i += 1;
+            let mut dot = c == '.';
+            while i < b.len() {
+                let ch = b[i] as char;
+                if ch.is_ascii_digit() {
+                    i += 1;
+                } else if ch == '.' && !dot {
+                    dot = true;
+                    i += 1;
+                } else if (ch == 'e' || ch == 'E')
+                    && i + 1 < b.len()
+                    && ((b[i + 1] as char).is_ascii_digit() || b[i + 1] == b'-' || b[i + 1] == b'+')
+                {
+                    i += 2;
+                    while i < b.len() && (b[i] as char).is_ascii_digit() {
+                        i += 1;
+                    }
+                    break;
+                } else {
+                    break;
+                }
+            }
+            match d[start..i].parse::<f64>() {
+                Ok(v) => toks.push(Err(v)),
+                Err(_) => break,
+            }
+        } else {
+            i += 1;
+        }
+    }
+    let mut out: Vec<(Vec<Pt>, bool)> = Vec::new();
+    let mut cur: Vec<Pt> = Vec::new();
+    let mut pos: Pt = (0.0, 0.0);
+    let mut start: Pt = (0.0, 0.0);
+    let mut cmd = 'M';
+    let mut t = 0;
+    let nums = |t: &mut usize, n: usize| -> Option<Vec<f64>> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            match toks.get(*t) {
+                Some(Err(x)) => {
+                    v.push(*x);
+                    *t += 1;
+                }
+                _ => return None,
+            }
+        }
+        Some(v)
+    };
+    let flush = |cur: &mut Vec<Pt>, out: &mut Vec<(Vec<Pt>, bool)>, closed: bool| {
+        if cur.len() > 1 || (closed && !cur.is_empty()) {
+            out.push((std::mem::take(cur), closed));
+        } else {
+            cur.clear();
+        }
+    };
+    while t < toks.len() {
+        if let Ok(c) = toks[t] {
+            cmd = c;
+            t += 1;
+            if c == 'Z' || c == 'z' {
+                flush(&mut cur, &mut out, true);
+                pos = start;
+                continue;
+            }
+        }
+        let rel = cmd.is_ascii_lowercase();
+        let base = if rel { pos } else { (0.0, 0.0) };
+        match cmd.to_ascii_uppercase() {
+            'M' => {
+                let Some(v) = nums(&mut t, 2) else { break };
+                flush(&mut cur, &mut out, false);
+                pos = (base.0 + v[0], base.1 + v[1]);
+                start = pos;
+                cur.push(pos);
+                // Further pairs are line-tos.
+                cmd = if rel { 'l' } else { 'L' };
+            }
+            'L' => {
+                let Some(v) = nums(&mut t, 2) else { break };
+                pos = (base.0 + v[0], base.1 + v[1]);
+                if cur.is_empty() {
+                    cur.push(start);
+                }
+                cur.push(pos);
+            }
+            'H' => {
+                let Some(v) = nums(&mut t, 1) else { break };
+                pos = (if rel { pos.0 + v[0] } else { v[0] }, pos.1);
+                if cur.is_empty() {
+                    cur.push(start);
+                }
+                cur.push(pos);
+            }
+            'V' => {
+                let Some(v) = nums(&mut t, 1) else { break };
+                pos = (pos.0, if rel { pos.1 + v[0] } else { v[0] });
+                if cur.is_empty() {
+                    cur.push(start);
+                }
+                cur.push(pos);
+            }
+            'A' => {
+                let Some(v) = nums(&mut t, 7) else { break };
+                let end = (base.0 + v[5], base.1 + v[6]);
+                if cur.is_empty() {
+                    cur.push(pos);
+                }
+                arc_points(
+                    &mut cur,
+                    pos,
+                    end,
+                    v[0].abs(),
+                    v[1].abs(),
+                    v[3] != 0.0,
+                    v[4] != 0.0,
+                );
+                pos = end;
+            }
+            _ => break,
+        }
+    }
+    flush(&mut cur, &mut out, false);
+    out
+}
+
+/// Appends the flattened elliptical arc from `p1` to `p2` (axis-aligned radii `rx`, `ry`, SVG's
+/// endpoint parameterisation, F.6.5 of the SVG specification), `p1` excluded.
+fn arc_points(out: &mut Vec<Pt>, p1: Pt, p2: Pt, rx: f64, ry: f64, large: bool, sweep: bool) {
+    if rx == 0.0 || ry == 0.0 || p1 == p2 {
+        out.push(p2);
+        return;
+    }
+    let (x1, y1) = ((p1.0 - p2.0) / 2.0, (p1.1 - p2.1) / 2.0);
+    let lambda = x1 * x1 / (rx * rx) + y1 * y1 / (ry * ry);
+    let (rx, ry) = if lambda > 1.0 {
+        (rx * lambda.sqrt(), ry * lambda.sqrt())
+    } else {
+        (rx, ry)
+    };
+    let num = rx * rx * ry * ry - rx * rx * y1 * y1 - ry * ry * x1 * x1;
+    let den = rx * rx * y1 * y1 + ry * ry * x1 * x1;
+    let sign = if large != sweep { 1.0 } else { -1.0 };
+    let coef = sign * (num / den).max(0.0).sqrt();
+    let (cxp, cyp) = (coef * rx * y1 / ry, -coef * ry * x1 / rx);
+    let c = (cxp + (p1.0 + p2.0) / 2.0, cyp + (p1.1 + p2.1) / 2.0);
+    let ang = |ux: f64, uy: f64| uy.atan2(ux);
+    let t1 = ang((x1 - cxp) / rx, (y1 - cyp) / ry);
+    let t2 = ang((-x1 - cxp) / rx, (-y1 - cyp) / ry);
+    let mut dt = t2 - t1;
+    if sweep && dt < 0.0 {
+        dt += std::f64::consts::TAU;
+    } else if !sweep && dt > 0.0 {
+        dt -= std::f64::consts::TAU;
+    }
+    let n = ((dt.abs() / (std::f64::consts::PI / 16.0)).ceil() as usize).max(4);
+    for k in 1..=n {
+        let t = t1 + dt * k as f64 / n as f64;
+        out.push((c.0 + rx * t.cos(), c.1 + ry * t.sin()));
+    }
+    *out.last_mut().expect("n >= 4") = p2;
+}
+
+/// `#rgb`, `#rrggbb` and a few names.
+fn parse_color(s: &str) -> Option<[u8; 3]> {
+    let s = s.trim();
+    if let Some(h) = s.strip_prefix('#') {
+        let v = u32::from_str_radix(h, 16).ok()?;
+        return match h.len() {
+            3 => Some([
+                ((v >> 8) & 15) as u8 * 17,
+                ((v >> 4) & 15) as u8 * 17,
+                (v & 15) as u8 * 17,
+            ]),
+            6 => Some([(v >> 16) as u8, (v >> 8) as u8, v as u8]),
+            _ => None,
+        };
+    }
+    Some(match s {
+        "white" => [255, 255, 255],
+        "black" => [0, 0, 0],
+        "red" => [255, 0, 0],
+        "green" => [0, 128, 0],
+        "blue" => [0, 0, 255],
+        "gray" | "grey" => [128, 128, 128],
+        "lightgray" | "lightgrey" => [211, 211, 211],
+        _ => return None,
+    })
+}
+
+/// Decodes base64 (standard alphabet, padding optional, whitespace ignored).
+fn unbase64(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' | b' ' | b'\n' | b'\r' | b'\t' => continue,
+            _ => return None,
+        };
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// Decodes an 8-bit RGB (colour type 2) or RGBA (6, alpha dropped) non-interlaced PNG, what
+/// [`encode_png`] writes: width, height, RGB rows.
+pub fn decode_png(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>)> {
+    use std::io::Read as _;
+    ensure!(
+        bytes.len() > 8 && bytes[..8] == PNG_SIGNATURE,
+        "png: not a PNG file (bad signature)"
+    );
+    let mut at = 8;
+    let mut header: Option<(usize, usize, u8)> = None;
+    let mut idat = Vec::new();
+    while at + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let kind = &bytes[at + 4..at + 8];
+        let data = bytes
+            .get(at + 8..at + 8 + len)
+            .context("png: truncated chunk")?;
+        match kind {
+            b"IHDR" => {
+                ensure!(data.len() == 13, "png: bad IHDR");
+                let w = u32::from_be_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
+                let h = u32::from_be_bytes(data[4..8].try_into().expect("4 bytes")) as usize;
+                ensure!(
+                    data[8] == 8 && (data[9] == 2 || data[9] == 6) && data[12] == 0,
+                    "png: only 8-bit RGB/RGBA without interlacing is supported"
+                );
+                ensure!(
+                    w > 0 && h > 0 && w.saturating_mul(h) <= 1 << 28,
+                    "png: bad size {w} x {h}"
+                );
+                header = Some((w, h, if data[9] == 2 { 3 } else { 4 }));
+            }
+            b"IDAT" => idat.extend_from_slice(data),
+            b"IEND" => break,
+            _ => {}
+        }
+        at += 12 + len;
+    }
+    let (w, h, bpp) = header.context("png: no IHDR")?;
+    let stride = w * bpp as usize;
+    let mut raw = Vec::with_capacity((stride + 1) * h);
+    flate2::read::ZlibDecoder::new(&idat[..])
+        .take(((stride + 1) * h) as u64)
+        .read_to_end(&mut raw)
+        .context("png: bad compressed data")?;
+    ensure!(raw.len() == (stride + 1) * h, "png: truncated image data");
+    let bpp = bpp as usize;
+    let mut img = vec![0u8; stride * h];
+    for y in 0..h {
+        let f = raw[y * (stride + 1)];
+        let src = &raw[y * (stride + 1) + 1..(y + 1) * (stride + 1)];
+        for x in 0..stride {
+            let a = if x >= bpp {
+                img[y * stride + x - bpp]
+            } else {
+                0
+            };
+            let b = if y > 0 { img[(y - 1) * stride + x] } else { 0 };
+            let c = if x >= bpp && y > 0 {
+                img[(y - 1) * stride + x - bpp]
+            } else {
+                0
+            };
+            let pred = match f {
+                0 => 0,
+                1 => a,
+                2 => b,
+                3 => ((a as u16 + b as u16) / 2) as u8,
+                4 => paeth(a, b, c),
+                _ => anyhow::bail!("png: bad filter type {f}"),
+            };
+            img[y * stride + x] = src[x].wrapping_add(pred);
+        }
+    }
+    if bpp == 4 {
+        img = img
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect();
+    }
+    Ok((w, h, img))
+}
+
+/// Replaces XML's predefined and numeric character references.
+fn xml_unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let Some(end) = rest.find(';') else { break };
+        let ent = &rest[1..end];
+        let rep = match ent {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            _ => ent
+                .strip_prefix("#x")
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| ent.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match rep {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The attributes of a start tag's text after its name.
+fn attributes(s: &str) -> Vec<(&str, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(eq) = rest.find('=') {
+        let name = rest[..eq].trim();
+        let after = rest[eq + 1..].trim_start();
+        let Some(q) = after.chars().next().filter(|c| *c == '"' || *c == '\'') else {
+            break;
+        };
+        let Some(end) = after[1..].find(q) else { break };
+        out.push((name, xml_unescape(&after[1..1 + end])));
+        rest = &after[1 + end + 1..];
+    }
+    out
+}
+
+/// The canvas of [`svg_to_rgb`]: RGB at `SUPERSAMPLE` times the output resolution.
+struct Canvas {
+    w: usize,
+    h: usize,
+    rgb: Vec<u8>,
+}
+
+impl Canvas {
+    /// Blends `paint` at `opacity` into the pixels of `mask`; gradients span `bbox`.
+    fn paint(&mut self, mask: &Mask, paint: &Paint, opacity: f64, bbox: (f64, f64, f64, f64)) {
+        let a = opacity.clamp(0.0, 1.0);
+        if a <= 0.0 {
+            return;
+        }
+        for r in 0..mask.h {
+            let y = mask.y0 + r;
+            for c in 0..mask.w {
+                if !mask.on[r * mask.w + c] {
+                    continue;
+                }
+                let x = mask.x0 + c;
+                let col = match paint {
+                    Paint::Solid(col) => *col,
+                    Paint::Gradient(g) => {
+                        let (bw, bh) = ((bbox.2 - bbox.0).max(1e-9), (bbox.3 - bbox.1).max(1e-9));
+                        let u = ((x as f64 + 0.5) - bbox.0) / bw;
+                        let v = ((y as f64 + 0.5) - bbox.1) / bh;
+                        let (dx, dy) = (g.to.0 - g.from.0, g.to.1 - g.from.1);
+                        let l2 = dx * dx + dy * dy;
+                        let t = if l2 > 0.0 {
+                            ((u - g.from.0) * dx + (v - g.from.1) * dy) / l2
+                        } else {
+                            0.0
+                        };
+                        g.at(t)
+                    }
+                };
+                let px = &mut self.rgb[3 * (y * self.w + x)..3 * (y * self.w + x) + 3];
+                for k in 0..3 {
+                    px[k] = (px[k] as f64 * (1.0 - a) + col[k] as f64 * a).round() as u8;
+                }
+            }
+        }
+    }
+}
+
+/// Presentation attributes of one element.
+struct Style {
+    fill: Option<Paint>,
+    stroke: Option<Paint>,
+    fill_opacity: f64,
+    stroke_opacity: f64,
+    stroke_width: f64,
+    dash: Vec<f64>,
+    round: bool,
+}
+
+/// Bounding box of point sets, grown by `pad`.
+fn bbox_of<'a>(sets: impl Iterator<Item = &'a Vec<Pt>>, pad: f64) -> (f64, f64, f64, f64) {
+    let mut b = (
+        f64::INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for s in sets {
+        for p in s {
+            b.0 = b.0.min(p.0);
+            b.1 = b.1.min(p.1);
+            b.2 = b.2.max(p.0);
+            b.3 = b.3.max(p.1);
+        }
+    }
+    (b.0 - pad, b.1 - pad, b.2 + pad, b.3 + pad)
+}
+
+/// Rasterises an SVG written by this module (rect, path with M/L/H/V/A/Z commands, text in the
+/// built-in bitmap font, embedded PNG images, linear gradients, rectangular clip paths, rotate
+/// transforms) at `scale` pixels per SVG pixel: width, height and RGB rows. Other elements are
+/// skipped. Shapes are supersampled for anti-aliasing; text is drawn in a small built-in bitmap
+/// font whose glyphs advance 0.6 em, the width this module's layout assumes.
+pub fn svg_to_rgb(svg: &str, scale: f64) -> Result<(usize, usize, Vec<u8>)> {
+    ensure!(
+        scale.is_finite() && scale > 0.0,
+        "svg to png: bad scale {scale}"
+    );
+    let open = svg.find("<svg").context("svg to png: no <svg> element")?;
+    let end = svg[open..]
+        .find('>')
+        .context("svg to png: unterminated <svg>")?;
+    let root = attributes(&svg[open + 4..open + end]);
+    let dim = |name: &str| -> Result<f64> {
+        root.iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.trim_end_matches("px").parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .with_context(|| format!("svg to png: the <svg> element has no usable {name}"))
+    };
+    let (sw, sh) = (dim("width")?, dim("height")?);
+    let (ow, oh) = (
+        ((sw * scale).ceil() as usize).max(1),
+        ((sh * scale).ceil() as usize).max(1),
+    );
+    ensure!(
+        ow <= 16_384 && oh <= 16_384,
+        "svg to png: {ow} x {oh} pixels is too large"
+    );
+    let ss = SUPERSAMPLE;
+    let mut cv = Canvas {
+        w: ow * ss,
+        h: oh * ss,
+        rgb: vec![255; ow * oh * ss * ss * 3],
+    };
+    let k = scale * ss as f64;
+    let base = Affine::scale(k);
+    let full = (0, 0, cv.w, cv.h);
+
+    let mut gradients: std::collections::HashMap<String, Gradient> = Default::default();
+    let mut clips: std::collections::HashMap<String, (f64, f64, f64, f64)> = Default::default();
+    // Open groups: the clip each established (canvas pixels) and its transform.
+    let mut groups: Vec<((usize, usize, usize, usize), Affine)> = Vec::new();
+    let mut defs = 0usize;
+    let mut grad_id: Option<String> = None;
+    let mut clip_id: Option<String> = None;
+
+    let mut i = open;
+    while let Some(off) = svg[i..].find('<') {
+        let start = i + off;
+        let rest = &svg[start..];
+        if rest.starts_with("<?") {
+            i = start + rest.find("?>").map_or(rest.len(), |e| e + 2);
+            continue;
+        }
+        if rest.starts_with("<!--") {
+            i = start + rest.find("-->").map_or(rest.len(), |e| e + 3);
+            continue;
+        }
+        let Some(close) = rest.find('>') else { break };
+        let tag = &rest[1..close];
+        i = start + close + 1;
+        if let Some(name) = tag.strip_prefix('/') {
+            match name.trim() {
+                "defs" => defs = defs.saturating_sub(1),
+                "g" => {
+                    groups.pop();
+                }
+                "linearGradient" => grad_id = None,
+                "clipPath" => clip_id = None,
+                _ => {}
+            }
+            continue;
+        }
+        let self_closing = tag.ends_with('/');
+        let tag = tag.trim_end_matches('/');
+        let name_end = tag.find(|c: char| c.is_whitespace()).unwrap_or(tag.len());
+        let name = &tag[..name_end];
+        let attrs = attributes(&tag[name_end..]);
+        let get = |n: &str| attrs.iter().find(|(a, _)| *a == n).map(|(_, v)| v.as_str());
+        let num_of = |n: &str, rel: f64| -> f64 {
+            match get(n) {
+                Some(v) if v.ends_with('%') => {
+                    v.trim_end_matches('%').parse::<f64>().unwrap_or(0.0) / 100.0 * rel
+                }
+                Some(v) => v.trim_end_matches("px").parse().unwrap_or(0.0),
+                None => 0.0,
+            }
+        };
+        let (clip, parent) = groups.last().copied().unwrap_or((full, base));
+        let m = match get("transform") {
+            Some(t) => parent.then(&parse_transform(t)),
+            None => parent,
+        };
+        match name {
+            "defs" => {
+                if !self_closing {
+                    defs += 1;
+                }
+                continue;
+            }
+            "linearGradient" => {
+                let id = get("id").unwrap_or("").to_string();
+                let at = |n: &str, d: f64| get(n).map_or(d, |_| num_of(n, 1.0));
+                gradients.insert(
+                    id.clone(),
+                    Gradient {
+                        from: (at("x1", 0.0), at("y1", 0.0)),
+                        to: (at("x2", 1.0), at("y2", 0.0)),
+                        stops: Vec::new(),
+                    },
+                );
+                if !self_closing {
+                    grad_id = Some(id);
+                }
+                continue;
+            }
+            "stop" => {
+                if let Some(g) = grad_id.as_ref().and_then(|id| gradients.get_mut(id)) {
+                    let o = num_of("offset", 1.0).clamp(0.0, 1.0);
+                    let c = get("stop-color").and_then(parse_color).unwrap_or([0, 0, 0]);
+                    g.stops.push((o, c));
+                }
+                continue;
+            }
+            "clipPath" => {
+                if !self_closing {
+                    clip_id = Some(get("id").unwrap_or("").to_string());
+                }
+                continue;
+            }
+            "g" => {
+                if !self_closing {
+                    let mut c = clip;
+                    if let Some(id) = get("clip-path")
+                        .and_then(|v| v.strip_prefix("url(#"))
+                        .and_then(|v| v.strip_suffix(')'))
+                    {
+                        if let Some(&(x0, y0, x1, y1)) = clips.get(id) {
+                            let (a, b) = (m.apply((x0, y0)), m.apply((x1, y1)));
+                            c = (
+                                c.0.max(a.0.min(b.0).round().max(0.0) as usize),
+                                c.1.max(a.1.min(b.1).round().max(0.0) as usize),
+                                c.2.min(a.0.max(b.0).round().max(0.0) as usize),
+                                c.3.min(a.1.max(b.1).round().max(0.0) as usize),
+                            );
+                        }
+                    }
+                    groups.push((c, m));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if name == "rect" {
+            if let Some(id) = &clip_id {
+                let (x, y) = (num_of("x", sw), num_of("y", sh));
+                clips.insert(
+                    id.clone(),
+                    (x, y, x + num_of("width", sw), y + num_of("height", sh)),
+                );
+                continue;
+            }
+        }
+        if defs > 0 {
+            continue;
+        }
+        let paint_of = |v: Option<&str>, default: Option<[u8; 3]>| -> Option<Paint> {
+            match v {
+                None => default.map(Paint::Solid),
+                Some("none") => None,
+                Some(v) => {
+                    if let Some(id) = v.strip_prefix("url(#").and_then(|v| v.strip_suffix(')')) {
+                        gradients.get(id).cloned().map(Paint::Gradient)
+                    } else {
+                        parse_color(v).map(Paint::Solid)
+                    }
+                }
+            }
+        };
+        let op = |n: &str| get(n).and_then(|v| v.parse::<f64>().ok()).unwrap_or(1.0);
+        let opacity = op("opacity");
+        let style = Style {
+            fill: paint_of(get("fill"), Some([0, 0, 0])),
+            stroke: paint_of(get("stroke"), None),
+            fill_opacity: op("fill-opacity") * opacity,
+            stroke_opacity: op("stroke-opacity") * opacity,
+            stroke_width: get("stroke-width")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(1.0),
+            dash: get("stroke-dasharray")
+                .map(|v| {
+                    v.split(|c: char| c == ',' || c.is_whitespace())
+                        .filter_map(|x| x.parse::<f64>().ok())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            round: get("stroke-linecap") == Some("round")
+                || get("stroke-linejoin") == Some("round"),
+        };
+        match name {
+            "rect" => {
+                let (x, y) = (num_of("x", sw), num_of("y", sh));
+                let (w, h) = (num_of("width", sw), num_of("height", sh));
+                if w <= 0.0 || h <= 0.0 {
+                    continue;
+                }
+                let pts: Vec<Pt> = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
+                    .iter()
+                    .map(|&p| m.apply(p))
+                    .collect();
+                draw_shape(&mut cv, &[(pts, true)], &style, &m, clip);
+            }
+            "path" => {
+                let Some(d) = get("d") else { continue };
+                let subs: Vec<(Vec<Pt>, bool)> = parse_path(d)
+                    .into_iter()
+                    .map(|(pts, closed)| (pts.iter().map(|&p| m.apply(p)).collect(), closed))
+                    .collect();
+                draw_shape(&mut cv, &subs, &style, &m, clip);
+            }
+            "image" => {
+                let href = get("xlink:href").or_else(|| get("href")).unwrap_or("");
+                let Some(data) = href.strip_prefix("data:image/png;base64,") else {
+                    continue;
+                };
+                let Some(bytes) = unbase64(data) else {
+                    continue;
+                };
+                let Ok((iw, ih, img)) = decode_png(&bytes) else {
+                    continue;
+                };
+                let (x, y) = (num_of("x", sw), num_of("y", sh));
+                let (w, h) = (num_of("width", sw), num_of("height", sh));
+                draw_image(&mut cv, (iw, ih, &img), (x, y, w, h), &m, clip);
+            }
+            "text" => {
+                let content = if self_closing {
+                    String::new()
+                } else {
+                    let body_end = svg[i..].find("</text>").map_or(svg.len(), |e| i + e);
+                    let c = xml_unescape(&svg[i..body_end]);
+                    i = (body_end + "</text>".len()).min(svg.len());
+                    c
+                };
+                let size = get("font-size")
+                    .and_then(|v| v.trim_end_matches("px").parse::<f64>().ok())
+                    .unwrap_or(16.0);
+                let dy = match get("dy") {
+                    Some(v) if v.ends_with("em") => {
+                        v.trim_end_matches("em").parse::<f64>().unwrap_or(0.0) * size
+                    }
+                    Some(v) => v.trim_end_matches("px").parse::<f64>().unwrap_or(0.0),
+                    None => 0.0,
+                };
+                let x = num_of("x", sw);
+                let y = num_of("y", sh) + dy;
+                let bold = matches!(get("font-weight"), Some("bold") | Some("700"));
+                let color = match paint_of(get("fill"), Some([0, 0, 0])) {
+                    Some(Paint::Solid(c)) => c,
+                    Some(Paint::Gradient(g)) => g.at(0.5),
+                    None => continue,
+                };
+                draw_text(
+                    &mut cv,
+                    &content,
+                    (x, y, size),
+                    get("text-anchor").unwrap_or("start"),
+                    bold,
+                    &m,
+                    clip,
+                    (color, style.fill_opacity),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    // Average SUPERSAMPLE x SUPERSAMPLE blocks.
+    let mut out = vec![0u8; ow * oh * 3];
+    let n = (ss * ss) as u32;
+    for y in 0..oh {
+        for x in 0..ow {
+            let mut acc = [0u32; 3];
+            for sy in 0..ss {
+                let row = (y * ss + sy) * cv.w;
+                for sx in 0..ss {
+                    let p = 3 * (row + x * ss + sx);
+                    for c in 0..3 {
+                        acc[c] += cv.rgb[p + c] as u32;
+                    }
+                }
+            }
+            for c in 0..3 {
+                out[3 * (y * ow + x) + c] = ((acc[c] + n / 2) / n) as u8;
+            }
+        }
+    }
+    Ok((ow, oh, out))
+}
+
+/// Fills and strokes subpaths already in canvas pixels.
+fn draw_shape(
+    cv: &mut Canvas,
+    subs: &[(Vec<Pt>, bool)],
+    style: &Style,
+    m: &Affine,
+    clip: (usize, usize, usize, usize),
+) {
+    if subs.is_empty() {
+        return;
+    }
+    let shape_box = bbox_of(subs.iter().map(|(p, _)| p), 0.0);
+    if let Some(fill) = &style.fill {
+        if let Some(mut mask) = Mask::new(shape_box, clip) {
+            for (pts, _) in subs {
+                mask.fill_polygon(pts);
+            }
+            cv.paint(&mask, fill, style.fill_opacity, shape_box);
+        }
+    }
+    if let Some(stroke) = &style.stroke {
+        let w = style.stroke_width * m.scale_factor();
+        if w <= 0.0 || !w.is_finite() {
+            return;
+        }
+        let hw = w / 2.0;
+        let Some(mut mask) = Mask::new(bbox_of(subs.iter().map(|(p, _)| p), hw + 1.0), clip) else {
+            return;
+        };
+        let dash: Vec<f64> = style.dash.iter().map(|d| d * m.scale_factor()).collect();
+        for (pts, closed) in subs {
+            let mut line = pts.clone();
+            if *closed && line.len() > 1 {
+                line.push(line[0]);
+            }
+            if line.len() < 2 {
+                continue;
+            }
+            let pieces = if dash.is_empty() {
+                vec![line.clone()]
+            } else {
+                dashes(&line, &dash)
+            };
+            for piece in &pieces {
+                for seg in piece.windows(2) {
+                    let (a, b) = (seg[0], seg[1]);
+                    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+                    let len = (dx * dx + dy * dy).sqrt();
+                    if len <= 0.0 {
+                        continue;
+                    }
+                    let (nx, ny) = (-dy / len * hw, dx / len * hw);
+                    mask.fill_polygon(&[
+                        (a.0 + nx, a.1 + ny),
+                        (b.0 + nx, b.1 + ny),
+                        (b.0 - nx, b.1 - ny),
+                        (a.0 - nx, a.1 - ny),
+                    ]);
+                }
+                // Joins (and round caps): discs at the vertices.
+                let (lo, hi) = if style.round || (*closed && dash.is_empty()) {
+                    (0, piece.len())
+                } else {
+                    (1, piece.len().saturating_sub(1))
+                };
+                if hw >= 1.0 {
+                    for p in &piece[lo..hi.max(lo)] {
+                        mask.fill_polygon(&disc(*p, hw));
+                    }
+                }
+            }
+        }
+        cv.paint(&mask, stroke, style.stroke_opacity, shape_box);
+    }
+}
+
+/// Draws an RGB image over the SVG rectangle `(x, y, w, h)` (nearest pixel, as
+/// `image-rendering: pixelated`).
+fn draw_image(
+    cv: &mut Canvas,
+    (iw, ih, img): (usize, usize, &[u8]),
+    (x, y, w, h): (f64, f64, f64, f64),
+    m: &Affine,
+    clip: (usize, usize, usize, usize),
+) {
+    if w <= 0.0 || h <= 0.0 {
+        return;
+    }
+    let (a, b) = (m.apply((x, y)), m.apply((x + w, y + h)));
+    let (x0, y0, x1, y1) = (a.0.min(b.0), a.1.min(b.1), a.0.max(b.0), a.1.max(b.1));
+    let cx0 = (x0.round().max(clip.0 as f64)) as usize;
+    let cy0 = (y0.round().max(clip.1 as f64)) as usize;
+    let cx1 = (x1.round().min(clip.2 as f64)).max(0.0) as usize;
+    let cy1 = (y1.round().min(clip.3 as f64)).max(0.0) as usize;
+    for py in cy0..cy1 {
+        let sy = (((py as f64 + 0.5 - y0) / (y1 - y0) * ih as f64) as usize).min(ih - 1);
+        for px in cx0..cx1 {
+            let sx = (((px as f64 + 0.5 - x0) / (x1 - x0) * iw as f64) as usize).min(iw - 1);
+            let s = 3 * (sy * iw + sx);
+            let d = 3 * (py * cv.w + px);
+            cv.rgb[d..d + 3].copy_from_slice(&img[s..s + 3]);
+        }
+    }
+}
+
+/// Draws a line of text in the built-in font: baseline at `y`, `size` the font size (glyph
+/// pixels of size/10, advance 0.6 em), anchored at `x` by `anchor` (start, middle or end).
+#[allow(clippy::too_many_arguments)]
+fn draw_text(
+    cv: &mut Canvas,
+    content: &str,
+    (x, y, size): (f64, f64, f64),
+    anchor: &str,
+    bold: bool,
+    m: &Affine,
+    clip: (usize, usize, usize, usize),
+    (color, opacity): ([u8; 3], f64),
+) {
+    let n = content.chars().count();
+    if n == 0 || size <= 0.0 {
+        return;
+    }
+    let u = size / 10.0;
+    let width = n as f64 * 6.0 * u;
+    let left = match anchor {
+        "middle" => x - width / 2.0 + 0.5 * u,
+        "end" => x - width + u,
+        _ => x,
+    };
+    let top = y - 7.0 * u;
+    let pw = if bold { 1.45 * u } else { u };
+    let mut quads: Vec<Vec<Pt>> = Vec::new();
+    for (ci, ch) in content.chars().enumerate() {
+        let gx = left + ci as f64 * 6.0 * u;
+        for (col, row) in glyph(ch) {
+            let (px, py) = (gx + col as f64 * u, top + row as f64 * u);
+            quads.push(
+                [(px, py), (px + pw, py), (px + pw, py + u), (px, py + u)]
+                    .iter()
+                    .map(|&p| m.apply(p))
+                    .collect(),
+            );
+        }
+    }
+    let bbox = bbox_of(quads.iter(), 0.0);
+    if let Some(mut mask) = Mask::new(bbox, clip) {
+        for q in &quads {
+            mask.fill_polygon(q);
+        }
+        cv.paint(&mask, &Paint::Solid(color), opacity, bbox);
+    }
+}
+
+/// Rasterises an SVG written by this module (see [`svg_to_rgb`]) at [`PNG_SCALE`] pixels per SVG
+/// pixel and encodes it as PNG.
+pub fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
+    let (w, h, rgb) = svg_to_rgb(svg, PNG_SCALE)?;
+    encode_png(w, h, &rgb)
 }

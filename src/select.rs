@@ -16,12 +16,15 @@
 //!
 //! Precedence: `not` binds tighter than `and`, which binds tighter than `or`; parentheses group.
 //! Keywords and operators are lower case, as in MDAnalysis; value lists run until the next
-//! keyword, operator or parenthesis.
+//! keyword, operator or parenthesis. Parentheses and `not` may nest at most [`MAX_DEPTH`] deep
+//! (an error says so, where a deeper expression would overflow the stack); chains of `and` and
+//! `or` are flat and may be as long as wanted.
 //!
 //! Meanings (the residue lists are MDAnalysis 2.11's, so selections agree with it):
 //! - `hydrogen`: atomic number 1, or element unknown (Z = 0) and the name starts with `H`;
-//!   `heavy` is neither hydrogen nor a massless virtual site (TIP4P's `MW`, lone pairs): unlike
-//!   MDAnalysis's `not name H*`, which keeps `MW`, since a virtual site is not an atom;
+//!   `heavy`: a known element other than hydrogen (Z >= 2), so neither virtual sites (TIP4P's
+//!   `MW`, TIP5P's `LP`/`EP`) nor coarse-grained beads of unknown element (Martini's `GL1`):
+//!   unlike MDAnalysis's `not name H*`, which keeps them; `all` keeps every atom;
 //! - `protein`: residue names of MDAnalysis's `ProteinSelection` (the 20 amino acids, CHARMM
 //!   `HSD`/`HSE`/`HSP`, Amber `HID`/`HIE`/`HIP`/`CYX`/`CYM`/`ASH`/`GLH`/`LYN` and N/C-terminal
 //!   variants `NALA`/`CALA`..., GROMACS variants, `MSE`, caps `ACE`/`NME`; not `NMA`);
@@ -89,6 +92,10 @@ const VALUED: &[&str] = &[
     "name", "resname", "chain", "chainID", "segid", "element", "resid", "resindex", "index",
 ];
 
+/// Deepest nesting of parentheses and `not` a selection may have: far beyond any hand-written
+/// expression, and far below what would overflow the stack of the recursive parser.
+pub const MAX_DEPTH: usize = 256;
+
 /// Whether an atom is a hydrogen: Z = 1, or unknown element and a name starting with `H`.
 pub fn is_hydrogen(atom: &crate::topology::Atom) -> bool {
     atom.atomic_number == 1 || (atom.atomic_number == 0 && atom.name.starts_with('H'))
@@ -127,8 +134,10 @@ enum Expr {
     Elements(Vec<u8>, Vec<String>),
     Ranges(Number, Vec<(i64, i64)>, Vec<String>),
     Not(Box<Expr>),
-    And(Box<Expr>, Box<Expr>),
-    Or(Box<Expr>, Box<Expr>),
+    /// Two or more terms: a chain of `and` is one node, so a long chain is no deep tree.
+    And(Vec<Expr>),
+    /// Two or more terms, as `And`.
+    Or(Vec<Expr>),
 }
 
 /// A token with its byte offset in the expression.
@@ -181,6 +190,8 @@ struct Parser<'a> {
     src: &'a str,
     toks: Vec<Token<'a>>,
     i: usize,
+    /// Parentheses and `not` open around the current token.
+    depth: usize,
 }
 
 impl<'a> Parser<'a> {
@@ -216,23 +227,41 @@ impl<'a> Parser<'a> {
     }
 
     fn or(&mut self) -> Result<Expr> {
-        let mut e = self.and()?;
+        let mut terms = vec![self.and()?];
         while self.peek().is_some_and(|t| t.text == "or") {
             self.i += 1;
-            let r = self.and()?;
-            e = Expr::Or(Box::new(e), Box::new(r));
+            terms.push(self.and()?);
         }
-        Ok(e)
+        Ok(if terms.len() == 1 {
+            terms.pop().expect("one term")
+        } else {
+            Expr::Or(terms)
+        })
     }
 
     fn and(&mut self) -> Result<Expr> {
-        let mut e = self.not()?;
+        let mut terms = vec![self.not()?];
         while self.peek().is_some_and(|t| t.text == "and") {
             self.i += 1;
-            let r = self.not()?;
-            e = Expr::And(Box::new(e), Box::new(r));
+            terms.push(self.not()?);
         }
-        Ok(e)
+        Ok(if terms.len() == 1 {
+            terms.pop().expect("one term")
+        } else {
+            Expr::And(terms)
+        })
+    }
+
+    /// Enters one more level of parentheses or `not` at token `t`; an error past [`MAX_DEPTH`].
+    fn deeper(&mut self, t: &Token<'a>) -> Result<()> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.error(
+                t.pos,
+                &format!("parentheses and `not` nested more than {MAX_DEPTH} deep"),
+            ));
+        }
+        Ok(())
     }
 
     fn not(&mut self) -> Result<Expr> {
@@ -241,12 +270,17 @@ impl<'a> Parser<'a> {
         };
         match t.text {
             "not" => {
+                self.deeper(&t)?;
                 self.i += 1;
-                Ok(Expr::Not(Box::new(self.not()?)))
+                let e = Expr::Not(Box::new(self.not()?));
+                self.depth -= 1;
+                Ok(e)
             }
             "(" => {
+                self.deeper(&t)?;
                 self.i += 1;
                 let e = self.or()?;
+                self.depth -= 1;
                 match self.peek() {
                     Some(c) if c.text == ")" => {
                         self.i += 1;
@@ -439,6 +473,7 @@ impl Selection {
             src: text,
             toks: tokenize(text),
             i: 0,
+            depth: 0,
         };
         if p.toks.is_empty() {
             bail!("empty selection expression");
@@ -487,9 +522,17 @@ impl Selection {
                     format!("{kw} {}", v.join(" "))
                 }
                 Expr::Not(a) => format!("not ({})", go(a)),
-                Expr::And(a, b) => format!("({}) and ({})", go(a), go(b)),
-                Expr::Or(a, b) => format!("({}) or ({})", go(a), go(b)),
+                Expr::And(terms) => chain(terms, "and"),
+                Expr::Or(terms) => chain(terms, "or"),
             }
+        }
+        // Left-nested, as the binary operators associate: `((a) and (b)) and (c)`.
+        fn chain(terms: &[Expr], op: &str) -> String {
+            let mut out = go(&terms[0]);
+            for t in &terms[1..] {
+                out = format!("({out}) {op} ({})", go(t));
+            }
+            out
         }
         go(&self.expr)
     }
@@ -520,11 +563,9 @@ fn eval(e: &Expr, top: &Topology, residx: &mut Option<Vec<u32>>) -> Vec<bool> {
         Expr::Flag(flag) => match *flag {
             "all" => vec![true; atoms.len()],
             "hydrogen" => by(&|i| is_hydrogen(&atoms[i])),
-            // Massless virtual sites (TIP4P MW, lone pairs) are not atoms, let alone heavy ones.
-            "heavy" => by(&|i| {
-                !is_hydrogen(&atoms[i])
-                    && !crate::topology::element::is_virtual_site_atom(&atoms[i])
-            }),
+            // Atoms of unknown element (virtual sites such as TIP4P MW, coarse-grained beads)
+            // are not heavy atoms.
+            "heavy" => by(&|i| atoms[i].atomic_number >= 2),
             "protein" => by(&|i| PROTEIN.contains(&atoms[i].resname.as_str())),
             "nucleic" => by(&|i| NUCLEIC.contains(&atoms[i].resname.as_str())),
             "water" => by(&|i| WATER.contains(&atoms[i].resname.as_str())),
@@ -564,15 +605,23 @@ fn eval(e: &Expr, top: &Topology, residx: &mut Option<Vec<u32>>) -> Vec<bool> {
             })
         }
         Expr::Not(a) => eval(a, top, residx).into_iter().map(|m| !m).collect(),
-        Expr::And(a, b) => {
-            let l = eval(a, top, residx);
-            let r = eval(b, top, residx);
-            l.into_iter().zip(r).map(|(x, y)| x && y).collect()
+        Expr::And(terms) => {
+            let mut mask = eval(&terms[0], top, residx);
+            for t in &terms[1..] {
+                for (m, x) in mask.iter_mut().zip(eval(t, top, residx)) {
+                    *m &= x;
+                }
+            }
+            mask
         }
-        Expr::Or(a, b) => {
-            let l = eval(a, top, residx);
-            let r = eval(b, top, residx);
-            l.into_iter().zip(r).map(|(x, y)| x || y).collect()
+        Expr::Or(terms) => {
+            let mut mask = eval(&terms[0], top, residx);
+            for t in &terms[1..] {
+                for (m, x) in mask.iter_mut().zip(eval(t, top, residx)) {
+                    *m |= x;
+                }
+            }
+            mask
         }
     }
 }
@@ -584,8 +633,18 @@ pub fn select(top: &Topology, expr: &str) -> Result<Vec<usize>> {
     let sel = Selection::parse(expr)?;
     let idx = sel.evaluate(top);
     if idx.is_empty() {
+        // A coarse-grained system has no atom of known element: say why `heavy` found nothing.
+        let unknown = top.atoms.iter().filter(|a| a.atomic_number == 0).count();
+        let hint = if unknown > 0 {
+            format!(
+                "; {unknown} of them have no element (X: virtual sites or coarse-grained beads), \
+                 which `heavy` leaves out and `all` keeps"
+            )
+        } else {
+            String::new()
+        };
         bail!(
-            "selection {expr:?} selects no atom of the {} atoms of {}",
+            "selection {expr:?} selects no atom of the {} atoms of {}{hint}",
             top.len(),
             top.source.display()
         );
@@ -620,6 +679,22 @@ mod tests {
         assert_eq!(parse_range("-5:3"), Some((-5, 3)));
         assert_eq!(parse_range("a-b"), None);
         assert_eq!(parse_range("-"), None);
+    }
+
+    #[test]
+    fn depth_is_limited_and_chains_are_flat() {
+        let deep = |n: usize| format!("{}all{}", "(".repeat(n), ")".repeat(n));
+        assert!(Selection::parse(&deep(MAX_DEPTH)).is_ok());
+        let e = Selection::parse(&deep(MAX_DEPTH + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nested more than 256 deep"), "{e}");
+        let nots = format!("{}all", "not ".repeat(MAX_DEPTH + 1));
+        assert!(Selection::parse(&nots).is_err());
+        // A long flat chain is one node: no recursion per term.
+        let chain = vec!["name CA"; 100_000].join(" or ");
+        let s = Selection::parse(&chain).unwrap();
+        assert!(matches!(&s.expr, Expr::Or(t) if t.len() == 100_000));
     }
 
     #[test]

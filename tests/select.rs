@@ -1,6 +1,7 @@
 //! Atom selections on the ADK topologies, against counts printed by MDAnalysis 2.11.0
-//! (`u.select_atoms(expr).n_atoms`; MDAnalysis spells our `chain` as `chainID`), and the error
-//! messages for malformed expressions.
+//! (`u.select_atoms(expr).n_atoms`; MDAnalysis spells our `chain` as `chainID`), on systems with
+//! virtual sites and coarse-grained beads (`datasets/interop/`), and the error messages for
+//! malformed or too deeply nested expressions.
 
 mod common;
 
@@ -163,9 +164,9 @@ fn chains_and_segments_3kpr_6msm_1k5i() {
             ("backbone", 6608),
             ("name CA", 1652),
             ("heavy", 13434),
-            // MDAnalysis copies chainIDs into empty segids (`segid A` = 2278); here the segid is
-            // the PDB segID column, empty in this file.
-            ("segid A", 0),
+            // No segID in this file: the segid is the chain ID, as MDAnalysis has it.
+            ("segid A", 2278),
+            ("segid A B", 3111),
         ],
     );
     let psf = read_topology(&dir.join("1k5i_c36.psf.gz")).unwrap();
@@ -301,4 +302,103 @@ fn display_is_verbatim_and_describe_canonical() {
     let again = Selection::parse(&s.describe()).unwrap();
     assert_eq!(again.evaluate(top), s.evaluate(top));
     assert_eq!(again.describe(), s.describe());
+}
+
+/// A file of `datasets/interop/` (committed).
+fn interop(name: &str) -> Topology {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("datasets/interop")
+        .join(name);
+    read_topology(&path).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[test]
+fn virtual_sites_and_beads_are_element_x() {
+    // TIP4P: `all`, `water` and `resname SOL` keep the virtual sites MW (MDAnalysis: 14, 8, 8);
+    // `heavy` leaves them out (N CA CB C O and two OW), `not name H*` keeps them (MDAnalysis 9).
+    let tip4p = interop("tip4p_water.pdb");
+    check(
+        &tip4p,
+        &[
+            ("all", 14),
+            ("water", 8),
+            ("resname SOL", 8),
+            ("heavy", 7),
+            ("not name H*", 9),
+            ("element X", 2),
+            ("name MW", 2),
+            ("hydrogen", 5),
+            ("segid W", 8),
+            ("segid A", 6),
+        ],
+    );
+    // TIP5P: lone pairs LP/EP are virtual sites too (MDAnalysis guesses phosphorus for them).
+    let tip5p = interop("tip5p_water.gro");
+    check(
+        &tip5p,
+        &[
+            ("all", 15),
+            ("water", 15),
+            ("heavy", 3),
+            ("element X", 6),
+            ("segid SYSTEM", 15),
+        ],
+    );
+    // Martini beads with element X: `all` and segments select them, `heavy` finds none, and
+    // select() says why.
+    let cg = interop("martini.pdb");
+    check(
+        &cg,
+        &[
+            ("all", 17),
+            ("element X", 17),
+            ("heavy", 0),
+            ("segid MEMB", 8),
+            ("segid PROT and name BB", 3),
+            ("resname W", 2),
+        ],
+    );
+    let e = format!("{:#}", select(&cg, "heavy").unwrap_err());
+    assert!(
+        e.contains("17 of them have no element") && e.contains("`all` keeps"),
+        "{e}"
+    );
+    // A Martini GRO (MDAnalysisTests): GL1/GL2 and the cholesterol beads R1-R5 have no element;
+    // the others are guessed from their names as MDAnalysis does (NC3 N, PO4 P, C1A C, ROH O).
+    let dppc = read_gro(&common::adk_data().join("martini_dppc_chol_bilayer.gro")).unwrap();
+    check(
+        &dppc,
+        &[
+            ("all", 5040),
+            ("element X", 1170),
+            ("heavy", 3870),
+            ("resname CHOL", 720),
+        ],
+    );
+}
+
+#[test]
+fn nesting_is_limited_not_a_stack_overflow() {
+    // 10,000 nested parentheses and 30,000 `not`: a clean error, not an abort.
+    let parens = format!("{}all{}", "(".repeat(10_000), ")".repeat(10_000));
+    let e = parse_err(&parens);
+    assert!(e.contains("nested more than 256 deep"), "{}", &e[e.len() - 200..]);
+    let nots = format!("{}all", "not ".repeat(30_000));
+    let e = parse_err(&nots);
+    assert!(e.contains("nested more than 256 deep"), "{}", &e[e.len() - 200..]);
+    // Within the limit they parse and mean what they say.
+    let top = adk_psf();
+    let ok = format!("{}name CA{}", "(".repeat(256), ")".repeat(256));
+    assert_eq!(count(top, &ok), 214);
+    let even = format!("{}name CA", "not ".repeat(256));
+    assert_eq!(count(top, &even), 214);
+    // Long flat chains of `or` and `and` are no nesting: 100,000 terms evaluate (as a binary
+    // tree they were 100,000 deep, past the stack of a test thread).
+    let chain = (0..100_000)
+        .map(|i| format!("index {}", i % 10))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    assert_eq!(count(top, &chain), 10);
+    let chain = vec!["all"; 100_000].join(" and ");
+    assert_eq!(count(top, &chain), 3341);
 }

@@ -159,10 +159,12 @@ fn adk_open_and_closed_pdb() {
 fn check_oplsaa(top: &Topology) {
     assert_eq!(top.len(), 47681);
     assert_eq!(n_residues(top), 11302);
-    assert_eq!(ident(top, 0), ("N", "MET", 1, ""));
-    assert_eq!(ident(top, 1), ("H1", "MET", 1, ""));
-    assert_eq!(ident(top, 2), ("H2", "MET", 1, ""));
-    assert_eq!(ident(top, 47680), ("NA", "NA+", 11302, ""));
+    // Neither file has a segment (nor the PDB a chain): MDAnalysis's segid SYSTEM.
+    assert_eq!(ident(top, 0), ("N", "MET", 1, "SYSTEM"));
+    assert_eq!(ident(top, 1), ("H1", "MET", 1, "SYSTEM"));
+    assert_eq!(ident(top, 2), ("H2", "MET", 1, "SYSTEM"));
+    assert_eq!(ident(top, 47680), ("NA", "NA+", 11302, "SYSTEM"));
+    assert!(top.atoms.iter().all(|a| a.chain.is_empty()));
     assert_eq!(top.atoms[47680].element, "Na");
     assert_eq!(
         element_counts(top),
@@ -236,9 +238,10 @@ fn pdb_3kpr_gzipped() {
     );
     assert_close(total_mass(&top), 177692.0820, 0.05, "total mass");
     assert_dims(&top, [223.117, 53.217, 143.202, 90.0, 102.39, 90.0]);
-    assert_eq!(ident(&top, 0), ("N", "GLY", 1, ""));
-    assert_eq!(ident(&top, 1), ("CA", "GLY", 1, ""));
-    assert_eq!(ident(&top, 13433), ("O", "HOH", 255, ""));
+    // No segID column: the segids are the chain IDs, as MDAnalysis has them.
+    assert_eq!(ident(&top, 0), ("N", "GLY", 1, "A"));
+    assert_eq!(ident(&top, 1), ("CA", "GLY", 1, "A"));
+    assert_eq!(ident(&top, 13433), ("O", "HOH", 255, "J"));
     assert_eq!(top.atoms[0].chain, "A");
     assert_eq!(top.atoms[13433].chain, "J");
     let chains: std::collections::BTreeSet<&str> =
@@ -271,8 +274,8 @@ fn pdb_6msm_cryoem() {
     );
     assert_close(total_mass(&top), 127624.5100, 0.05, "total mass");
     assert!(top.unit_cell.is_none());
-    assert_eq!(ident(&top, 0), ("N", "MET", 1, ""));
-    assert_eq!(ident(&top, 9702), ("O1", "CLR", 1510, ""));
+    assert_eq!(ident(&top, 0), ("N", "MET", 1, "A"));
+    assert_eq!(ident(&top, 9702), ("O1", "CLR", 1510, "A"));
     let mg: Vec<_> = top.atoms.iter().filter(|a| a.name == "MG").collect();
     assert_eq!(mg.len(), 2);
     assert!(mg.iter().all(|a| a.atomic_number == 12 && a.mass == 24.305));
@@ -298,9 +301,9 @@ fn rna_1k5i_pdb_and_ext_psf() {
     assert_eq!(pdb.len(), 17927);
     assert_eq!(n_residues(&pdb), 5767);
     assert_eq!(element_counts(&pdb), want);
-    assert_eq!(ident(&pdb, 0), ("H5T", "GUA", 1, ""));
-    assert_eq!(ident(&pdb, 1), ("O5'", "GUA", 1, ""));
-    assert_eq!(ident(&pdb, 17926), ("POT", "POT", 5767, ""));
+    assert_eq!(ident(&pdb, 0), ("H5T", "GUA", 1, "SYSTEM"));
+    assert_eq!(ident(&pdb, 1), ("O5'", "GUA", 1, "SYSTEM"));
+    assert_eq!(ident(&pdb, 17926), ("POT", "POT", 5767, "SYSTEM"));
     assert_dims(&pdb, [56.16, 56.16, 56.16, 90.0, 90.0, 90.0]);
     // MDAnalysis's K is 39.102 where ours is 39.098: 111272.3730 - 22 x 0.004.
     assert_close(
@@ -553,6 +556,115 @@ fn gro_errors() {
     assert!(e.contains("no box line"), "{e}");
     let (_f, e) = p("t\n1\n    1SOL     OW    1   1.000   2.000   3.000\n 1 2 3 4\n");
     assert!(e.contains(":4: box line has 4 numbers"), "{e}");
+    // An atom count beyond what any system holds is refused before anything is allocated.
+    let (_f, e) = p("t\n999999999999\n");
+    assert!(e.contains("999999999999 atoms, more than the 100000000"), "{e}");
+}
+
+#[test]
+fn gro_segid_system_and_box_numbers_run_together() {
+    // GROMACS writes the box with %10.5f: a box of 400 um runs the numbers together, as in
+    // MDAnalysisTests' huge_box.gro (MDAnalysis reads it as 400000 A).
+    let f = TempFile::new(
+        "huge.gro",
+        b"huge cubic box\n    1\n    1SOL      H    1   0.000   0.000   0.000\n40000.0000040000.0000040000.00000\n",
+    );
+    let top = read_gro(&f.0).unwrap();
+    assert_dims(&top, [400000.0, 400000.0, 400000.0, 90.0, 90.0, 90.0]);
+    // No segment in a GRO file: MDAnalysis's SYSTEM; no chain.
+    assert_eq!(top.atoms[0].segid, "SYSTEM");
+    assert_eq!(top.atoms[0].chain, "");
+}
+
+#[test]
+fn pdb_element_x_segids_and_cryst1_after_the_model() {
+    // Element column X (coarse-grained beads): unknown element, not a guess from the name (BB
+    // would be boron); a blank element column is still guessed. Segment ids: the segID column.
+    let text = "\
+MODEL        1
+ATOM      1  BB  LYS     1       1.000   2.000   3.000  1.00  0.00      PROT X
+ATOM      2  SC1 LYS     1       2.000   2.000   3.000  1.00  0.00      PROT X
+ATOM      3  CA  ALA     2       3.000   2.000   3.000  1.00  0.00      PROT
+ENDMDL
+CRYST1   40.000   41.000   42.000  90.00  90.00  90.00 P 1           1
+MODEL        2
+ATOM      1  BB  LYS     1       1.500   2.000   3.000  1.00  0.00      PROT X
+ATOM      2  SC1 LYS     1       2.500   2.000   3.000  1.00  0.00      PROT X
+ATOM      3  CA  ALA     2       3.500   2.000   3.000  1.00  0.00      PROT
+ENDMDL
+CRYST1   50.000   41.000   42.000  90.00  90.00  90.00 P 1           1
+END
+";
+    let f = TempFile::new("cg.pdb", text.as_bytes());
+    let top = read_pdb(&f.0).unwrap();
+    let el: Vec<(&str, u8, f32)> = top
+        .atoms
+        .iter()
+        .map(|a| (a.element.as_str(), a.atomic_number, a.mass))
+        .collect();
+    assert_eq!(el, [("X", 0, 0.0), ("X", 0, 0.0), ("C", 6, 12.011)]);
+    assert!(top.atoms.iter().all(|a| a.segid == "PROT" && a.chain == "PROT"));
+    // No CRYST1 before the first model: the one after its ENDMDL is its box (MDAnalysis).
+    assert_dims(&top, [40.0, 41.0, 42.0, 90.0, 90.0, 90.0]);
+
+    // Chain IDs without segIDs become the segids; a file with neither gets SYSTEM.
+    let chains = [
+        atom_line("1", " N", ' ', "ALA", 'A', "1", 1.0, "", ""),
+        atom_line("2", " N", ' ', "ALA", 'B', "2", 2.0, "", ""),
+    ];
+    let f = pdb_of(&chains);
+    let top = read_pdb(&f.0).unwrap();
+    let seg: Vec<&str> = top.atoms.iter().map(|a| a.segid.as_str()).collect();
+    assert_eq!(seg, ["A", "B"]);
+    let bare = [atom_line("1", " N", ' ', "ALA", ' ', "1", 1.0, "", "")];
+    let f = pdb_of(&bare);
+    let top = read_pdb(&f.0).unwrap();
+    assert_eq!(top.atoms[0].segid, "SYSTEM");
+    assert_eq!(top.atoms[0].chain, "");
+}
+
+#[test]
+fn special_files_and_compression_bombs_are_refused() {
+    // /dev/zero through a symlink: refused by its type at once, naming the link's target.
+    let dir = std::env::temp_dir().join(format!("hiermd-topology-special-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("zero.pdb");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let t = std::time::Instant::now();
+    let e = format!("{:#}", read_topology(&link).unwrap_err());
+    assert!(t.elapsed().as_secs_f64() < 1.0);
+    assert!(
+        e.contains("(a link to /dev/zero) is a character device, not a regular file"),
+        "{e}"
+    );
+    // A directory named like a topology.
+    let d = dir.join("folder.psf");
+    std::fs::create_dir_all(&d).unwrap();
+    let e = format!("{:#}", read_topology(&d).unwrap_err());
+    assert!(e.contains("is a directory, not a regular file"), "{e}");
+    // A gzip file whose trailer says it inflates to 1 GiB from a few kB: refused before
+    // inflating a byte.
+    let mut gz = gzip(&vec![b'\n'; 1 << 20]);
+    let n = gz.len();
+    gz[n - 4..].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    let f = TempFile::new("bomb.pdb.gz", &gz);
+    let e = format!("{:#}", read_topology(&f.0).unwrap_err());
+    assert!(e.contains("refused as a decompression bomb"), "{e}");
+    assert!(e.contains("its trailer says 1073741824 bytes"), "{e}");
+    // bzip2 is recognised and refused with a clear message.
+    let f = TempFile::new("x.pdb.bz2", b"BZh91AY&SY\x00\x00");
+    let e = format!("{:#}", read_pdb(&f.0).unwrap_err());
+    assert!(e.contains("bzip2-compressed"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `data` gzipped.
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -618,7 +730,17 @@ fn psf_errors() {
         "{e}"
     );
     let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 2 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n       2 A    1    ALA  CA   CT1   -0.4x0000       12.0110           0\n");
-    assert!(e.contains(":8: atom 2: cannot read"), "{e}");
+    assert!(e.contains(":8: atom 2: charge \"-0.4x0000\" is not a finite number: cannot read"), "{e}");
+    // A mass that is no number, or negative, names the line, the atom and the field.
+    let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 2 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n       2 A    1    ALA  CA   CT1    0.070000           abc           0\n");
+    assert!(e.contains(":8: atom 2: mass \"abc\" is not a finite number"), "{e}");
+    let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 2 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n       2 A    1    ALA  CA   CT1    0.070000       -12.011           0\n");
+    assert!(e.contains(":8: atom 2 (CA of residue ALA 1): mass -12.011 is negative"), "{e}");
+    let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 2 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n       2 A    1    ALA  CA   CT1    0.070000           nan           0\n");
+    assert!(e.contains(":8: atom 2: mass \"nan\" is not a finite number"), "{e}");
+    // An atom count beyond what any system holds is refused before anything is read.
+    let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 999999999999 !NATOM\n");
+    assert!(e.contains("999999999999 atoms, more than the 100000000"), "{e}");
     let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 5 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n");
     assert!(
         e.contains("truncated: the file declares 5 atoms but ends after 1"),

@@ -1120,6 +1120,146 @@ fn pdb_every_truncation_point() {
 }
 
 #[test]
+fn pdb_gzipped_and_cryst1_after_each_model() {
+    let natoms = 4;
+    let frames: Vec<Vec<f32>> = (0..3)
+        .map(|k| pseudo_random(3 * natoms, 90 + k, -9.0, 9.0))
+        .collect();
+    // CRYST1 records after each ENDMDL (none before the first MODEL): each model gets the box
+    // that follows it, as MDAnalysis reads MDAnalysisTests' model_then_cryst.pdb.
+    let mut text = String::new();
+    for (k, f) in frames.iter().enumerate() {
+        text += &format!("MODEL     {:>4}\n", k + 1);
+        for (i, a) in f.chunks_exact(3).enumerate() {
+            text += &pdb_atom(i + 1, a[0], a[1], a[2]);
+        }
+        text += "ENDMDL\n";
+        text += &pdb_cryst1(40.0 + k as f32, 50.0, 60.0, 90.0, 90.0, 90.0);
+    }
+    text += "END\n";
+    let plain = TempFile::new("after.pdb", text.as_bytes());
+    let got = read_all(plain.path()).unwrap();
+    let a: Vec<f64> = got
+        .iter()
+        .map(|f| f.unit_cell.unwrap().lengths_angles()[0])
+        .collect();
+    assert_eq!(a, [40.0, 41.0, 42.0]);
+    // The same file gzipped, as a .pdb.gz trajectory: the same frames.
+    let gz = TempFile::new("after.pdb.gz", &gzip(text.as_bytes()));
+    let got_gz = read_all(gz.path()).unwrap();
+    assert_eq!(got_gz.len(), 3);
+    for (p, g) in got.iter().zip(&got_gz) {
+        assert_eq!(p.coords, g.coords);
+        assert_eq!(p.unit_cell, g.unit_cell);
+    }
+    // Other compressed trajectories are refused with a clear message.
+    let xtc = TempFile::new("x.xtc.gz", &gzip(b"not read"));
+    assert_err_names(
+        &open_trajectory(xtc.path()).err().unwrap(),
+        xtc.path(),
+        &["only PDB trajectories are read gzipped"],
+    );
+    let bz = TempFile::new("x.pdb.bz2", b"BZh9");
+    assert_err_names(
+        &open_trajectory(bz.path()).err().unwrap(),
+        bz.path(),
+        &["bzip2-compressed trajectories are not read"],
+    );
+}
+
+#[test]
+fn pdb_gzip_bomb_is_refused_while_streaming() {
+    // 200 MiB of REMARK lines in about 200 kB: past 64 MiB (and 50x the compressed size) the
+    // stream stops with an error naming the file, without reading on.
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let block = "REMARK\n".repeat(1 << 17);
+    let mut text = pdb_atom(1, 0.0, 0.0, 0.0);
+    text += "END\n";
+    {
+        use std::io::Write;
+        enc.write_all(text.as_bytes()).unwrap();
+        for _ in 0..(200 << 20) / block.len() {
+            enc.write_all(block.as_bytes()).unwrap();
+        }
+        enc.write_all(text.as_bytes()).unwrap();
+    }
+    let file = TempFile::new("bomb.pdb.gz", &enc.finish().unwrap());
+    let err = read_all(file.path()).unwrap_err();
+    assert_err_names(&err, file.path(), &["inflates to more than 67108864 bytes"]);
+}
+
+#[test]
+fn special_files_are_refused_by_type() {
+    let dir = std::env::temp_dir().join(format!("hiermd-traj-special-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for ext in ["dcd", "xtc", "trr", "pdb", "pdb.gz"] {
+        let link = dir.join(format!("zero.{ext}"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let t = std::time::Instant::now();
+        let e = format!("{:#}", open_trajectory(&link).err().unwrap());
+        assert!(t.elapsed().as_secs_f64() < 1.0, "{ext}");
+        assert!(e.contains("is a character device, not a regular file"), "{ext}: {e}");
+    }
+    let fifo = dir.join("pipe.pdb");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = format!("{:#}", open_trajectory(&fifo).err().unwrap());
+    assert!(e.contains("is a FIFO (named pipe)"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn implausible_times_and_precision() {
+    // A CHARMM DCD whose version flag (ICNTRL[19]) is 0: DELTA is read as X-PLOR's f64 from the
+    // f32 and the next word, 2.5e-322-like; the reader drops the times and says why.
+    let spec = DcdSpec {
+        charmm: true,
+        ..DcdSpec::default()
+    };
+    let mut bytes = dcd_bytes(&spec, 3, &dcd_frames(3, 2, 5));
+    bytes[8 + 4 * 19..8 + 4 * 20].copy_from_slice(&0i32.to_le_bytes());
+    let file = TempFile::new("xplor.dcd", &bytes);
+    let mut r = open_trajectory(file.path()).unwrap();
+    let mut f = Frame::default();
+    assert!(r.read_frame(&mut f).unwrap());
+    assert_eq!(f.time_ps, None);
+    let w = r.take_warnings().join("\n");
+    assert!(w.contains("is not plausible"), "{w}");
+    assert!(w.contains("read as CHARMM's f32 it would give 0.0488"), "{w}");
+    assert!(w.contains(&file.path().display().to_string()), "{w}");
+    assert!(r.take_warnings().is_empty(), "taken once");
+    // XTC precision 1e30 (every coordinate would be 0): an error naming the file and frame.
+    let mut b = xtc_bytes(&xtc_frames(12, 3.0), 1000.0, false);
+    b[56..60].copy_from_slice(&1e30f32.to_be_bytes());
+    let file = TempFile::new("prec.xtc", &b);
+    let err = read_all(file.path()).unwrap_err();
+    assert_err_names(&err, file.path(), &["frame 0", "implausible compression precision 1e30"]);
+    // A time that is not finite: times dropped with a warning naming the frame.
+    let mut frames = xtc_frames(12, 3.0);
+    frames[1].time = f32::NAN;
+    let file = TempFile::new("nan-time.xtc", &xtc_bytes(&frames, 1000.0, false));
+    let mut r = open_trajectory(file.path()).unwrap();
+    let mut times = Vec::new();
+    while r.read_frame(&mut f).unwrap() {
+        times.push(f.time_ps);
+    }
+    assert_eq!(times, [Some(0.0), None, Some(5.0)]);
+    let w = r.take_warnings().join("\n");
+    assert!(w.contains("frame 1: time NaN ps is not finite"), "{w}");
+}
+
+/// `data` gzipped.
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
 fn unknown_extension_is_an_error() {
     let file = TempFile::new("x.nc", b"CDF");
     assert_err_names(

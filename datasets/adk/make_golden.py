@@ -1,6 +1,9 @@
 """Writes tests/golden/adk_mdanalysis.json: what MDAnalysis reads from the ADK files of
-MDAnalysisTests (datasets/adk/data/, fetched by datasets/adk/fetch). tests/adk_golden.rs reads
-the same files with hiermd's readers and compares.
+MDAnalysisTests (datasets/adk/data/, fetched by datasets/adk/fetch), from a few other files of
+MDAnalysisTests that once tripped hiermd (huge_box.gro, model_then_cryst.pdb,
+cryst_then_model.pdb, martini_dppc_chol_bilayer.gro), and from the small synthetic files of
+datasets/interop/ (keys `interop/...`: virtual sites, coarse-grained beads, segment ids, a
+.pdb.gz trajectory). tests/adk_golden.rs reads the same files with hiermd's readers and compares.
 
 Run through datasets/adk/make_golden, which makes the pinned virtual environment. The output is
 deterministic for given MDAnalysis and numpy versions (recorded in the file).
@@ -21,14 +24,17 @@ that reads back as the same float32.
 import json
 import pathlib
 import platform
+import re
 import sys
 import warnings
 
 import MDAnalysis as mda
 import numpy as np
+from MDAnalysis.guesser.tables import SYMB2Z
 
 HERE = pathlib.Path(__file__).resolve().parent
 DATA = HERE / "data"
+INTEROP = HERE.parent / "interop"
 OUT = HERE.parent.parent / "tests" / "golden" / "adk_mdanalysis.json"
 
 SMALL_STRIDE = 7  # atoms of the 3341-atom files
@@ -36,7 +42,20 @@ LARGE_STRIDE = 97  # atoms of the 47681-atom solvated files
 LARGE = 10000  # files with more atoms than this get a strided atom table
 PLACEHOLDER_SEGID = "SYSTEM"  # what MDAnalysis puts where a file has no segment id
 
-TOPOLOGIES = ["adk.psf", "adk_open.pdb", "adk_closed.pdb", "adk_oplsaa.gro", "adk_oplsaa.pdb"]
+TOPOLOGIES = [
+    "adk.psf", "adk_open.pdb", "adk_closed.pdb", "adk_oplsaa.gro", "adk_oplsaa.pdb",
+    # Interop (issue 16): a box line whose numbers run together, CRYST1 records after or before
+    # each model, a coarse-grained (Martini) system, and the synthetic files of datasets/interop.
+    "huge_box.gro", "model_then_cryst.pdb", "cryst_then_model.pdb",
+    "martini_dppc_chol_bilayer.gro",
+    "interop/tip4p_water.pdb", "interop/tip5p_water.gro", "interop/martini.pdb",
+    "interop/segid_nochain.pdb",
+]
+# Virtual-site names (TIP4P MW, lone pairs LP*, TIP5P EP*, dummies DUM*/VS*): hiermd gives them
+# no element (X) and no mass, where MDAnalysis guesses DUMMY for MW but phosphorus for LP1 and
+# EP1 (its name-based guesser sees a P). Their element and mass below follow hiermd's convention
+# (DUMMY, 0 Da) and `virtual_sites` records what MDAnalysis guessed.
+VIRTUAL_SITE = re.compile(r"^(MW|LP|EP|DUM|VS)")
 TRAJECTORIES = [
     # (trajectory, topology MDAnalysis reads it with)
     ("adk_dims.dcd", "adk.psf"),
@@ -48,6 +67,12 @@ TRAJECTORIES = [
     ("adk_oplsaa.pdb", None),
     ("adk_open.pdb", None),
     ("adk_closed.pdb", None),
+    # CRYST1 after each ENDMDL (each model its own box), and before each MODEL.
+    ("model_then_cryst.pdb", None),
+    ("cryst_then_model.pdb", None),
+    ("interop/tip4p_water.pdb", None),
+    # A gzipped PDB trajectory of coarse-grained beads.
+    ("interop/martini.pdb.gz", "interop/martini.pdb"),
 ]
 
 
@@ -77,8 +102,19 @@ def dims(ts):
     return None if d is None else f32_list(d)
 
 
+def path_of(f):
+    """Interop files live in datasets/interop/, the others in datasets/adk/data/."""
+    return INTEROP / f.removeprefix("interop/") if f.startswith("interop/") else DATA / f
+
+
 def universe(*files):
-    return mda.Universe(*[str(DATA / f) for f in files])
+    return mda.Universe(*[str(path_of(f)) for f in files])
+
+
+def is_element(e):
+    """Whether MDAnalysis's element string is an element (its guesser also returns letters such
+    as G for a Martini bead GL1, and DUMMY or '' for none)."""
+    return e.capitalize() in SYMB2Z
 
 
 def pdb_raw_fields(path):
@@ -116,13 +152,19 @@ def topology(name):
         "file" if "masses" in present else "guessed by MDAnalysis (default guesser, from atom types guessed from names)"
     )
     elements = [str(e) for e in atoms.elements]
+    masses = [float(m) for m in atoms.masses]
+    virtual_sites = {}
+    for i, nm in enumerate(atoms.names):
+        if VIRTUAL_SITE.match(str(nm)) and (elements[i] != "DUMMY" or masses[i] != 0.0):
+            virtual_sites[i] = {"name": str(nm), "element": elements[i], "mass": masses[i]}
+            elements[i], masses[i] = "DUMMY", 0.0
     counts = {}
     for e in elements:
         counts[e] = counts.get(e, 0) + 1
     if name.endswith(".gro"):
         segid_in_file = False
     elif name.endswith(".pdb"):
-        chains, segs = pdb_raw_fields(DATA / name)
+        chains, segs = pdb_raw_fields(path_of(name))
         assert len(chains) == n
         segid_in_file = any(segs) or any(chains)
     else:
@@ -143,7 +185,7 @@ def topology(name):
         table["chainIDs"] = [str(x) for x in sel.chainIDs]
     if "icodes" in present:
         table["icodes"] = [str(x) for x in sel.icodes]
-    table["masses"] = [float(x) for x in sel.masses]
+    table["masses"] = [masses[i] for i in idx]
     table["elements"] = [elements[i] for i in idx]
     if "charges" in present:
         table["charges"] = f32_list(sel.charges)
@@ -156,9 +198,10 @@ def topology(name):
         "mass_source": mass_source,
         "element_counts": dict(sorted(counts.items())),
         "n_not_name_H": len(u.select_atoms("not name H*")),
-        "n_heavy_by_element": sum(1 for e in elements if e not in ("H", "DUMMY")),
-        "total_mass": float(atoms.masses.sum()),
-        "mass_by_element": mass_by_element(elements, atoms.masses) if "masses" not in present else None,
+        "n_heavy_by_element": sum(1 for e in elements if is_element(e) and e.upper() != "H"),
+        "total_mass": float(np.sum(masses)),
+        "mass_by_element": mass_by_element(elements, masses) if "masses" not in present else None,
+        "virtual_sites": {str(i): v for i, v in virtual_sites.items()},
         "table": table,
         "coordinates": None,
     }
@@ -241,8 +284,8 @@ def dump(o, indent=0, width=100):
 def main():
     warnings.simplefilter("ignore")
     for f in TOPOLOGIES + [t for t, _ in TRAJECTORIES]:
-        if not (DATA / f).is_file():
-            sys.exit(f"make_golden: {DATA / f} missing; run datasets/adk/fetch")
+        if not path_of(f).is_file():
+            sys.exit(f"make_golden: {path_of(f)} missing; run datasets/adk/fetch")
     golden = {
         "generator": "datasets/adk/make_golden.py",
         "mdanalysis_version": mda.__version__,
@@ -255,7 +298,10 @@ def main():
             "segids equal to 'SYSTEM' where segid_in_file is false are MDAnalysis's placeholder: the file has no segment id",
             "elements are MDAnalysis's guesses from atom names where element_source says so; 'DUMMY' is a massless virtual site (TIP4P MW)",
             "resids of adk_oplsaa.pdb above 9999 are MDAnalysis's unwrapping of the 4-column field (file: 9999 -> 0 -> 1 ...)",
-            "n_not_name_H: select_atoms('not name H*'); n_heavy_by_element: atoms whose element is neither H nor DUMMY",
+            "n_not_name_H: select_atoms('not name H*'); n_heavy_by_element: atoms whose element is an element other than H (not DUMMY, '', or a guess such as G for a Martini bead GL1)",
+            "keys interop/...: synthetic files of datasets/interop/ (datasets/interop/make_files.py)",
+            "virtual_sites: atoms named MW, LP*, EP*, DUM*, VS* whose MDAnalysis guess (listed) was replaced by DUMMY and 0 Da, hiermd's convention for virtual sites",
+            "elements '' (an element column such as X that MDAnalysis does not accept) and guesses that are no element (G, R) are hiermd's unknown element X",
         ],
         "topologies": {name: topology(name) for name in TOPOLOGIES},
         "trajectories": {t: trajectory(t, top) for t, top in TRAJECTORIES},

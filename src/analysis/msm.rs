@@ -441,6 +441,31 @@ impl Msm {
         DMatrix::from_fn(n, n, |i, j| cols[j][i])
     }
 
+    /// [`Msm::mfpt_matrix`] that returns an error instead of panicking when a passage-time
+    /// system is singular (a target unreachable, or a transition matrix degenerate to rounding).
+    pub fn try_mfpt_matrix(&self) -> Result<DMatrix<f64>> {
+        let n = self.n_states();
+        let cols: Vec<DVector<f64>> = (0..n)
+            .into_par_iter()
+            .map(|j| {
+                let mut a = DMatrix::<f64>::identity(n, n) - &self.transition_matrix;
+                let mut b = DVector::<f64>::from_element(n, 1.0);
+                a.row_mut(j).fill(0.0);
+                a[(j, j)] = 1.0;
+                b[j] = 0.0;
+                let m = a.lu().solve(&b).with_context(|| {
+                    format!("mfpt: singular system for target state {j} (is it reachable from every state?)")
+                })?;
+                ensure!(
+                    m.iter().all(|v| v.is_finite()),
+                    "mfpt: non-finite passage times to state {j}"
+                );
+                Ok(m * self.lag as f64)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DMatrix::from_fn(n, n, |i, j| cols[j][i]))
+    }
+
     /// Propagates a distribution over the active set `steps` lag times: `p0^T T^steps`,
     /// normalised to sum 1 (so `p0` may be any non-negative weights), as deeptime's
     /// `msm.propagate(p0, steps)`.
@@ -612,6 +637,36 @@ pub fn implied_timescales(
         lags: lags.to_vec(),
         timescales,
     })
+}
+
+/// [`implied_timescales`] that never fails for one lag: where no MSM can be estimated at a lag
+/// (or the trajectories are invalid) that lag's timescales are NaN. For scans over degenerate
+/// partitions, whose long lags may have no counts.
+pub fn implied_timescales_lenient(
+    dtrajs: &[Vec<u32>],
+    lags: &[usize],
+    n_states: usize,
+    k: usize,
+) -> ItsResult {
+    let ok = validate_dtrajs(dtrajs, n_states).is_ok();
+    let timescales = lags
+        .par_iter()
+        .map(|&lag| {
+            let mut ts = if ok {
+                Msm::estimate(dtrajs, lag, n_states, true)
+                    .map(|m| m.timescales(k))
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            ts.resize(k, f64::NAN);
+            ts
+        })
+        .collect();
+    ItsResult {
+        lags: lags.to_vec(),
+        timescales,
+    }
 }
 
 /// A Chapman-Kolmogorov test of an MSM on its own states (see [`ck_test`]).

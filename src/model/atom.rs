@@ -154,9 +154,48 @@ pub struct AtomInputs {
     tokens: usize,
 }
 
+/// Fails, naming the first atoms, if an atom of unknown element (Z = 0: a virtual site such as
+/// TIP4P's `MW`, a coarse-grained bead) would be merged into a token: the backbone embeds atoms
+/// by element, and an element-0 row would stand for every such thing at once. Atoms whose token
+/// is [`EXCLUDED`] (dropped by the token map) may have Z = 0. `name(a)` describes atom `a`;
+/// `fix` says how to leave such atoms out.
+fn refuse_unknown_elements(
+    atomic_numbers: &[u8],
+    token_of_atom: &[u32],
+    what: &str,
+    name: impl Fn(usize) -> String,
+    fix: &str,
+) -> Result<()> {
+    let bad: Vec<usize> = atomic_numbers
+        .iter()
+        .zip(token_of_atom)
+        .enumerate()
+        .filter(|(_, (&z, &t))| z == 0 && t != EXCLUDED)
+        .map(|(a, _)| a)
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 3;
+    let listed: Vec<String> = bad.iter().take(SHOWN).map(|&a| name(a)).collect();
+    let more = if bad.len() > SHOWN {
+        format!(" and {} more", bad.len() - SHOWN)
+    } else {
+        String::new()
+    };
+    bail!(
+        "{what}: {}{more} {} atomic number 0 (no element: a virtual site or a coarse-grained \
+         bead); the atom stage embeds atoms by element and refuses them: {fix}",
+        listed.join(", "),
+        if bad.len() == 1 { "has" } else { "have" }
+    )
+}
+
 impl AtomInputs {
     /// From a dataset's atom table: atomic numbers (below 100), the token of each atom, and the
     /// C-alpha rule per token (its atom named CA if it has one, else its heavy-atom centroid).
+    /// Atoms of unknown element (Z = 0) are refused, naming them (see
+    /// [`AtomInputs::from_parts`] for dropping them through the token map).
     pub fn new(ds: &Dataset, device: &Device) -> Result<Self> {
         let atoms = ds.natoms();
         let tokens = ds.manifest.tokens;
@@ -170,11 +209,22 @@ impl AtomInputs {
             "{}: the dataset has no tokens",
             ds.dir().display()
         );
+        let token_of = ds.token_map();
+        refuse_unknown_elements(
+            &ds.atomic_numbers(),
+            &token_of,
+            &ds.dir().display().to_string(),
+            |a| {
+                let x = &ds.atoms[a];
+                format!("atom {a} ({} of residue {} {})", x.name, x.resname, x.resid)
+            },
+            "leave them out with data.selection = \"not element X\" (or re-import with \
+             --select 'heavy' or 'not element X')",
+        )?;
         let z: Vec<i32> = ds.atomic_numbers().iter().map(|&z| z as i32).collect();
         let z = EmbeddingIndex::new(&z, ELEMENTS)
             .with_context(|| format!("{}: atomic numbers", ds.dir().display()))?
             .to_device(device)?;
-        let token_of = ds.token_map();
         let map = TokenMap::new(&token_of, tokens)
             .with_context(|| format!("{}: atom-to-token map", ds.dir().display()))?
             .to_device(device)?;
@@ -206,12 +256,15 @@ impl AtomInputs {
     }
 
     /// From plain arrays instead of a dataset (the library API and the C ABI, for callers that
-    /// have no dataset folder): `atomic_numbers[a]` (1..=99; 0 and 100+ are errors),
-    /// `token_of_atom[a]` (in `0..tokens`, or [`EXCLUDED`] to leave the atom out) and, per token,
+    /// have no dataset folder): `atomic_numbers[a]` (1..=99; 100+ is an error, and so is 0, the
+    /// unknown element of virtual sites and coarse-grained beads, unless the atom's token is
+    /// [`EXCLUDED`]), `token_of_atom[a]` (in `0..tokens`, or [`EXCLUDED`] to leave the atom out:
+    /// such an atom still takes part in the backbone's graph, but no token holds it) and, per token,
     /// `ca_atom[r]`: the atom whose position is the token's C-alpha position, or `None` for the
     /// centroid of the token's heavy atoms (of all its atoms if it has none). With the arrays of
     /// a dataset (`ca_atom` = each token's atom named CA) this equals [`AtomInputs::new`].
-    /// Hydrogen (Z = 1) counts as light, every other element as heavy.
+    /// Hydrogen (Z = 1) counts as light, every other element as heavy, and an atom of unknown
+    /// element (Z = 0, dropped) as neither.
     pub fn from_parts(
         atomic_numbers: &[u8],
         token_of_atom: &[u32],
@@ -232,16 +285,20 @@ impl AtomInputs {
             "atom inputs: {} C-alpha entries for {tokens} tokens",
             ca_atom.len()
         );
-        if let Some(a) = atomic_numbers
-            .iter()
-            .position(|&z| z == 0 || z as usize >= ELEMENTS)
-        {
+        if let Some(a) = atomic_numbers.iter().position(|&z| z as usize >= ELEMENTS) {
             bail!(
                 "atom inputs: atom {a} has atomic number {}, expected 1..{}",
                 atomic_numbers[a],
                 ELEMENTS - 1
             );
         }
+        refuse_unknown_elements(
+            atomic_numbers,
+            token_of_atom,
+            "atom inputs",
+            |a| format!("atom {a}"),
+            "give them the token EXCLUDED (-1 in the C ABI) to drop them, or leave them out",
+        )?;
         for (r, ca) in ca_atom.iter().enumerate() {
             if let Some(a) = *ca {
                 ensure!(
@@ -262,7 +319,7 @@ impl AtomInputs {
         let map = TokenMap::new(token_of_atom, tokens)
             .context("atom inputs: atom-to-token map")?
             .to_device(device)?;
-        let heavy: Vec<bool> = atomic_numbers.iter().map(|&z| z != 1).collect();
+        let heavy: Vec<bool> = atomic_numbers.iter().map(|&z| z >= 2).collect();
         let mut members: Vec<Vec<usize>> = vec![Vec::new(); tokens];
         for (a, &t) in token_of_atom.iter().enumerate() {
             if t != EXCLUDED {
@@ -463,14 +520,16 @@ impl AtomModel {
                     .with_context(|| format!("atom model: tensor {n}"))
             })
             .collect::<Result<Vec<_>>>()?;
-        // One metadata key only: safetensors writes the metadata map in HashMap order, so with
-        // two keys the same model could give different bytes in two processes.
+        // One metadata key here: safetensors writes the metadata map in HashMap order; the seal
+        // below rewrites the header canonically (sorted) and adds the file's XXH3 (issue 16).
         let metadata = HashMap::from([(
             CONFIG_METADATA_KEY.to_string(),
             serde_json::to_string(&self.config).context("serialising the configuration")?,
         )]);
         let bytes = safetensors::serialize(views, Some(metadata))
             .with_context(|| format!("serialising the atom model for {}", path.display()))?;
+        let bytes = crate::store::verify::seal_safetensors(&bytes)
+            .with_context(|| format!("sealing the atom model for {}", path.display()))?;
         crate::optim::write_atomic(path, &bytes)
             .with_context(|| format!("writing the atom model {}", path.display()))
     }
@@ -478,6 +537,8 @@ impl AtomModel {
     /// The configuration of a model saved by [`AtomModel::save`] (to build it before loading).
     pub fn read_config(path: &Path) -> Result<AtomModelConfig> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        // The file's recorded XXH3 (issue 16): a damaged model is refused before it is used.
+        crate::store::verify::check_seal(&bytes).with_context(|| format!("{}", path.display()))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;
         let Some(json) = meta

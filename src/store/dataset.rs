@@ -115,6 +115,20 @@ impl StoredTrajectory {
             "{}: incomplete trajectory file (import was interrupted)",
             path.display()
         );
+        // A corrupt header's counts may overflow the size computation: refused, not wrapped.
+        let fits = header
+            .natoms
+            .checked_add(4)
+            .and_then(|a| a.checked_mul(header.nframes))
+            .and_then(|n| n.checked_mul(12))
+            .is_some_and(|n| n < u64::MAX / 2);
+        ensure!(
+            fits,
+            "{}: header claims {} frames of {} atoms: corrupt",
+            path.display(),
+            header.nframes,
+            header.natoms
+        );
         ensure!(
             map.len() as u64 == header.file_len(),
             "{}: file is {} bytes but its header describes {} ({} frames of {} atoms): truncated or corrupt",
@@ -149,6 +163,16 @@ impl StoredTrajectory {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The whole mapped file, header included (for `hiermd verify`).
+    pub(crate) fn raw(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The decoded header (for `hiermd verify`).
+    pub(crate) fn header(&self) -> Header {
+        self.header
     }
 
     /// All coordinates, `[frames][atoms][3]` flattened, in Angstrom.
@@ -199,52 +223,19 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Opens a dataset folder and checks it is whole: manifest, atom table and every trajectory
-    /// agree on atom and frame counts.
+    /// Opens a dataset folder and checks it is whole, cheaply (no payload is read): the manifest
+    /// (format, version, total frames, every file path confined to the folder), the atom table
+    /// (row count, token and residue indices in range) and every trajectory (header against the
+    /// file size and against the manifest's atoms, frames, box and time flags). `hiermd verify`
+    /// checks the rest (checksums, coordinates).
     pub fn open(dir: &Path) -> Result<Self> {
-        let mpath = dir.join("manifest.toml");
-        let text = std::fs::read_to_string(&mpath).with_context(|| {
-            format!(
-                "{}: not a hiermd dataset (no readable manifest.toml)",
-                dir.display()
-            )
-        })?;
-        let manifest: Manifest = toml::from_str(&text)
-            .with_context(|| format!("{}: invalid manifest", mpath.display()))?;
-        ensure!(
-            manifest.format == "hiermd-dataset",
-            "{}: format is {:?}, not hiermd-dataset",
-            mpath.display(),
-            manifest.format
-        );
-        ensure!(
-            manifest.version == FORMAT_VERSION,
-            "{}: dataset version {}, this hiermd reads version {FORMAT_VERSION}",
-            mpath.display(),
-            manifest.version
-        );
-        let atoms = read_atom_table(&dir.join(&manifest.atom_table))?;
-        ensure!(
-            atoms.len() == manifest.atoms,
-            "{}: atom table has {} rows, manifest says {}",
-            dir.display(),
-            atoms.len(),
-            manifest.atoms
-        );
-        let mut trajectories = Vec::with_capacity(manifest.trajectories.len());
-        for t in &manifest.trajectories {
-            let st = StoredTrajectory::open(&dir.join(&t.file))?;
-            ensure!(
-                st.atoms() == manifest.atoms && st.frames() == t.frames,
-                "{}: holds {} frames of {} atoms, manifest says {} of {}",
-                st.path().display(),
-                st.frames(),
-                st.atoms(),
-                t.frames,
-                manifest.atoms
-            );
-            trajectories.push(st);
-        }
+        let manifest = read_manifest(dir)?;
+        let table = confined(dir, &manifest.atom_table, "atom_table")?;
+        let atoms = read_atom_table(&table)?;
+        check_atoms(&manifest, &atoms, &table)?;
+        let trajectories = (0..manifest.trajectories.len())
+            .map(|i| open_entry(dir, &manifest, i))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -272,6 +263,211 @@ impl Dataset {
     pub fn atomic_numbers(&self) -> Vec<u8> {
         self.atoms.iter().map(|a| a.atomic_number).collect()
     }
+
+    // ---- integrity (issue 16): frames checked as they are read ----
+
+    /// Coordinates of frames `frames` of trajectory `traj` (`[frames][atoms][3]` flattened),
+    /// after checking that every value is finite and within
+    /// [`MAX_ABS_COORDINATE`](super::verify::MAX_ABS_COORDINATE) Angstrom: a corrupt payload
+    /// (NaN, 1e30, a flipped exponent bit) is an error naming the file, frame and atom instead of
+    /// flowing into features or exported files. One comparison per value, so cheap beside any
+    /// use of the frames.
+    pub fn checked_frames(&self, traj: usize, frames: std::ops::Range<usize>) -> Result<&[f32]> {
+        let t = self.trajectories.get(traj).with_context(|| {
+            format!(
+                "trajectory {traj}: the dataset has {} (0-based)",
+                self.trajectories.len()
+            )
+        })?;
+        ensure!(
+            frames.start <= frames.end && frames.end <= t.frames(),
+            "{}: frames {}..{} asked for, the trajectory has {}",
+            t.path().display(),
+            frames.start,
+            frames.end,
+            t.frames()
+        );
+        let n = t.atoms() * 3;
+        let x = &t.coords()[frames.start * n..frames.end * n];
+        if let Some(k) = first_implausible(x) {
+            let (frame, atom) = (frames.start + k / n.max(1), (k % n.max(1)) / 3);
+            bail!(
+                "{}: frame {frame}: atom {atom}{}: coordinate {} is {}: the stored trajectory is \
+                 corrupt (`hiermd verify {}` checks the whole dataset)",
+                t.path().display(),
+                self.atoms
+                    .get(atom)
+                    .map(|a| format!(" ({} of residue {} {})", a.name, a.resname, a.resid))
+                    .unwrap_or_default(),
+                x[k],
+                if x[k].is_finite() {
+                    "beyond 1e6 A"
+                } else {
+                    "not finite"
+                },
+                self.dir.display()
+            );
+        }
+        Ok(x)
+    }
+
+    /// Coordinates of frame `frame` of trajectory `traj`, checked as by
+    /// [`checked_frames`](Self::checked_frames).
+    pub fn checked_frame(&self, traj: usize, frame: usize) -> Result<&[f32]> {
+        self.checked_frames(traj, frame..frame + 1)
+    }
+}
+
+/// Index of the first value that is not finite or lies beyond
+/// [`MAX_ABS_COORDINATE`](super::verify::MAX_ABS_COORDINATE) in magnitude, if any.
+pub(crate) fn first_implausible(x: &[f32]) -> Option<usize> {
+    // Blocks are folded without an early exit (so the loop vectorises); only a bad block is
+    // searched.
+    const BLOCK: usize = 4096;
+    for (j, c) in x.chunks(BLOCK).enumerate() {
+        if !c.iter().fold(true, |ok, &v| ok & plausible(v)) {
+            return c.iter().position(|&v| !plausible(v)).map(|p| j * BLOCK + p);
+        }
+    }
+    None
+}
+
+/// Whether a stored coordinate is finite and within
+/// [`MAX_ABS_COORDINATE`](super::verify::MAX_ABS_COORDINATE): `|v| <= max` is false for NaN
+/// and infinities, so one comparison covers all three.
+pub(crate) fn plausible(v: f32) -> bool {
+    v.abs() <= super::verify::MAX_ABS_COORDINATE
+}
+
+/// Reads and checks `DIR/manifest.toml`: format, version, total frames, and every file path
+/// confined to the folder. Errors name the manifest.
+pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let mpath = dir.join("manifest.toml");
+    let text = std::fs::read_to_string(&mpath).with_context(|| {
+        format!(
+            "{}: not a hiermd dataset (no readable manifest.toml)",
+            dir.display()
+        )
+    })?;
+    let manifest: Manifest =
+        toml::from_str(&text).with_context(|| format!("{}: invalid manifest", mpath.display()))?;
+    ensure!(
+        manifest.format == "hiermd-dataset",
+        "{}: format is {:?}, not hiermd-dataset",
+        mpath.display(),
+        manifest.format
+    );
+    ensure!(
+        manifest.version == FORMAT_VERSION,
+        "{}: dataset version {}, this hiermd reads version {FORMAT_VERSION}",
+        mpath.display(),
+        manifest.version
+    );
+    confined(dir, &manifest.atom_table, "atom_table")?;
+    for t in &manifest.trajectories {
+        confined(dir, &t.file, "file")?;
+    }
+    let total = manifest
+        .trajectories
+        .iter()
+        .try_fold(0usize, |a, t| a.checked_add(t.frames));
+    ensure!(
+        total == Some(manifest.total_frames),
+        "{}: total_frames is {}, but the trajectories list {} frames: the manifest was edited or \
+         is corrupt",
+        mpath.display(),
+        manifest.total_frames,
+        total.map_or("more than 2^64".to_string(), |t| t.to_string())
+    );
+    Ok(manifest)
+}
+
+/// `dir/rel` for a path written in a manifest (field `field`), refused unless it stays inside
+/// `dir`: only plain relative components (no `..`, no root, no drive), so an edited manifest
+/// cannot make hiermd read (or a later command overwrite) files outside the folder.
+pub(crate) fn confined(dir: &Path, rel: &str, field: &str) -> Result<PathBuf> {
+    use std::path::Component;
+    let p = Path::new(rel);
+    let inside = !rel.is_empty()
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && p.components().any(|c| matches!(c, Component::Normal(_)));
+    ensure!(
+        inside,
+        "{}: {field} = {rel:?} is not a path inside the folder (only relative paths without \
+         `..` are allowed): refused",
+        dir.join("manifest.toml").display()
+    );
+    Ok(dir.join(p))
+}
+
+/// Checks the atom table `atoms` (read from `path`) against the manifest: row count, and every
+/// token and residue index within the manifest's counts (a token may also be
+/// [`EXCLUDED`](crate::ops::scatter::EXCLUDED), an atom no token takes). Errors name the line.
+pub(crate) fn check_atoms(manifest: &Manifest, atoms: &[StoredAtom], path: &Path) -> Result<()> {
+    ensure!(
+        atoms.len() == manifest.atoms,
+        "{}: the atom table has {} rows, the manifest says {} atoms",
+        path.display(),
+        atoms.len(),
+        manifest.atoms
+    );
+    for (i, a) in atoms.iter().enumerate() {
+        ensure!(
+            (a.token as usize) < manifest.tokens || a.token == crate::ops::scatter::EXCLUDED,
+            "{}: line {}: atom {} ({} of residue {} {}) has token {}, but the dataset has {} \
+             tokens (0..{}): the atom table was edited or is corrupt",
+            path.display(),
+            i + 2,
+            i,
+            a.name,
+            a.resname,
+            a.resid,
+            a.token,
+            manifest.tokens,
+            manifest.tokens.saturating_sub(1)
+        );
+        ensure!(
+            (a.residue as usize) < manifest.residues,
+            "{}: line {}: atom {} ({} of residue {} {}) has residue index {}, but the dataset \
+             has {} residues: the atom table was edited or is corrupt",
+            path.display(),
+            i + 2,
+            i,
+            a.name,
+            a.resname,
+            a.resid,
+            a.residue,
+            manifest.residues
+        );
+    }
+    Ok(())
+}
+
+/// Opens trajectory `i` of the manifest of the dataset at `dir` and checks its header against
+/// the manifest: atoms, frames, and the box and time flags.
+pub(crate) fn open_entry(dir: &Path, manifest: &Manifest, i: usize) -> Result<StoredTrajectory> {
+    let t = &manifest.trajectories[i];
+    let st = StoredTrajectory::open(&confined(dir, &t.file, "file")?)?;
+    ensure!(
+        st.atoms() == manifest.atoms && st.frames() == t.frames,
+        "{}: holds {} frames of {} atoms, the manifest says {} of {}",
+        st.path().display(),
+        st.frames(),
+        st.atoms(),
+        t.frames,
+        manifest.atoms
+    );
+    ensure!(
+        st.header.has_box == t.has_box && st.header.has_time == t.has_time,
+        "{}: its header says box {}, times {}; the manifest says box {}, times {}",
+        st.path().display(),
+        st.header.has_box,
+        st.header.has_time,
+        t.has_box,
+        t.has_time
+    );
+    Ok(st)
 }
 
 pub(crate) const ATOM_TABLE_HEADER: &str =
@@ -297,7 +493,7 @@ pub(crate) fn write_atom_row(out: &mut String, a: &StoredAtom) {
     );
 }
 
-fn read_atom_table(path: &Path) -> Result<Vec<StoredAtom>> {
+pub(crate) fn read_atom_table(path: &Path) -> Result<Vec<StoredAtom>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the atom table", path.display()))?;
     let mut lines = text.lines();

@@ -3,7 +3,7 @@
 
 use super::Dataset;
 use anyhow::{bail, ensure, Context, Result};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -54,13 +54,28 @@ pub fn parse_frames(spec: &str, n: usize) -> Result<std::ops::Range<usize>> {
     Ok(a..b)
 }
 
-/// Writes frames `frames` (`A:B`) of trajectory `traj` of `ds` to `out`.
+/// Writes frames `frames` (`A:B`) of trajectory `traj` of `ds` to `out`, which must not exist
+/// (see [`export_with`]).
 pub fn export(
     ds: &Dataset,
     traj: usize,
     frames: &str,
     format: ExportFormat,
     out: &Path,
+) -> Result<usize> {
+    export_with(ds, traj, frames, format, out, false)
+}
+
+/// Writes frames `frames` (`A:B`) of trajectory `traj` of `ds` to `out`, atomically (a temporary
+/// file beside it, renamed over it when complete). An existing `out` is replaced only with
+/// `force`; an `out` inside the dataset is always refused (issue 16).
+pub fn export_with(
+    ds: &Dataset,
+    traj: usize,
+    frames: &str,
+    format: ExportFormat,
+    out: &Path,
+    force: bool,
 ) -> Result<usize> {
     let t = ds.trajectories.get(traj).with_context(|| {
         format!(
@@ -70,9 +85,9 @@ pub fn export(
     })?;
     let range = parse_frames(frames, t.frames())?;
     let n = range.len();
-    let f =
-        std::fs::File::create(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let mut w = BufWriter::with_capacity(1 << 20, f);
+    // Issue 16: never into the dataset, never over a file without force.
+    crate::output::check_file_output(out, force, &[("dataset", ds.dir())])?;
+    let mut w = crate::output::AtomicFile::create(out)?;
     match format {
         ExportFormat::Npy => {
             // The header (64-byte aligned data, as NumPy writes it), then frames one at a time.
@@ -81,7 +96,8 @@ pub fn export(
                 &[n, ds.natoms(), 3],
             ))?;
             for i in range.clone() {
-                w.write_all(bytemuck::cast_slice(t.frame(i)))?;
+                // Each frame is checked as it is read (issue 16): finite, within 1e6 A.
+                w.write_all(bytemuck::cast_slice(ds.checked_frame(traj, i)?))?;
             }
         }
         ExportFormat::Xyz => {
@@ -92,7 +108,8 @@ pub fn export(
                     .map(|t| format!(" time {t} ps"))
                     .unwrap_or_default();
                 writeln!(w, "frame {i}{time}")?;
-                for (a, c) in ds.atoms.iter().zip(t.frame(i).chunks_exact(3)) {
+                let x = ds.checked_frame(traj, i)?;
+                for (a, c) in ds.atoms.iter().zip(x.chunks_exact(3)) {
                     writeln!(w, "{:<2} {:.4} {:.4} {:.4}", a.element, c[0], c[1], c[2])?;
                 }
             }
@@ -107,7 +124,8 @@ pub fn export(
                     )?;
                 }
                 writeln!(w, "MODEL     {:>4}", m + 1)?;
-                for (k, (a, c)) in ds.atoms.iter().zip(t.frame(i).chunks_exact(3)).enumerate() {
+                let x = ds.checked_frame(traj, i)?;
+                for (k, (a, c)) in ds.atoms.iter().zip(x.chunks_exact(3)).enumerate() {
                     // Four-character names start in column 13, shorter ones in column 14.
                     let name = if a.name.len() >= 4 {
                         a.name.clone()
@@ -143,6 +161,6 @@ pub fn export(
             writeln!(w, "END")?;
         }
     }
-    w.flush()?;
+    w.commit()?;
     Ok(n)
 }

@@ -17,6 +17,7 @@
 //! leaves its temporary folder, which the next writer for the same target removes).
 
 use super::{source_file, Dataset, SourceFile};
+use crate::output::{AtomicFile, DirOutput, OutputKind};
 use crate::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
@@ -25,7 +26,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -157,6 +158,11 @@ pub struct FeatureTrajectory {
     pub file: String,
     /// Frames (those of the dataset trajectory).
     pub frames: usize,
+    /// XXH3-64 (hex) of the file's payload: every byte after its 4 KiB header (the header is
+    /// checked field by field against the manifest). Absent in stores written before checksums
+    /// were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_xxh3: Option<String>,
 }
 
 /// The header fields of a feature file.
@@ -282,16 +288,28 @@ struct Pending {
     /// Open while the trajectory is being appended to; closed once it has all its frames, so
     /// that a writer going through trajectories in order holds one descriptor at a time.
     handle: Option<File>,
+    /// XXH3 of the payload, set by `finish`.
+    payload_xxh3: Option<String>,
 }
 
-/// Removes the temporary folder unless the store is finished.
-struct TempDir(Option<PathBuf>);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
+/// XXH3-64 (hex) of a feature file's payload (the bytes after its header), streamed.
+fn payload_xxh3(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    f.seek(SeekFrom::Start(FEATURE_HEADER_BYTES))
+        .with_context(|| format!("{}: read error", path.display()))?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("{}: read error", path.display()))?;
+        if n == 0 {
+            break;
         }
+        h.update(&buf[..n]);
     }
+    Ok(super::verify::xxh3_hex(h.digest()))
 }
 
 /// Writes a feature store for a dataset, streamed: frames arrive in any number of
@@ -300,11 +318,8 @@ impl Drop for TempDir {
 /// trajectory got all its frames, synced the files and renamed the folder into place. Dropping
 /// an unfinished writer removes its temporary folder.
 pub struct FeatureWriter {
-    out: PathBuf,
-    parent: PathBuf,
-    prefix: String,
-    tmp: TempDir,
-    force: bool,
+    /// The output, checked at create and built in its temporary folder (issue 16).
+    target: DirOutput,
     tokens: usize,
     channels: usize,
     dtype: FeatureDtype,
@@ -319,50 +334,6 @@ pub struct FeatureWriter {
     // Conversion buffers, reused across calls.
     rows32: Vec<f32>,
     rows16: Vec<f16>,
-}
-
-/// The folder and name prefix of the temporary folders of writers for `out`.
-fn temp_prefix(out: &Path) -> Result<(PathBuf, String)> {
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("{}: the output needs a folder name", out.display()))?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    Ok((parent.to_path_buf(), format!(".{name}.features-")))
-}
-
-/// Removes temporary folders left by writers for `out` that were killed (their process is gone).
-fn remove_stale_temps(parent: &Path, prefix: &str) {
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name
-            .strip_prefix(prefix)
-            // `PID.old`: an old store moved aside by a writer killed while replacing it.
-            .and_then(|p| p.strip_suffix(".old").unwrap_or(p).parse::<u32>().ok())
-        {
-            // Our own pid means a leftover of an earlier process that had it (or of an earlier
-            // writer of this process, which cleans up unless killed); another pid is stale once
-            // its process is gone (checked through /proc, so elsewhere every leftover is stale).
-            let other_alive =
-                pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
-            if !other_alive {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-}
-
-fn sync_dir(dir: &Path) {
-    // Make new files and renames durable; some filesystems refuse fsync on a folder.
-    if let Ok(f) = File::open(dir) {
-        let _ = f.sync_all();
-    }
 }
 
 impl FeatureWriter {
@@ -380,12 +351,12 @@ impl FeatureWriter {
             "{}: the dataset has no tokens",
             ds.dir().display()
         );
-        if out.exists() && !settings.force {
-            bail!(
-                "{}: already exists (use --force to replace it)",
-                out.display()
-            );
+        // Output safety (issue 16): never over an input; an existing store only with force.
+        let mut inputs: Vec<(&str, &Path)> = vec![("dataset", ds.dir())];
+        if let Some(b) = &settings.backbone {
+            inputs.push(("backbone checkpoint", b));
         }
+        let mut target = DirOutput::check(out, OutputKind::FeatureStore, settings.force, &inputs)?;
         let dataset_manifest = source_file(&ds.dir().join("manifest.toml"))?;
         let dataset = std::fs::canonicalize(ds.dir())
             .with_context(|| format!("{}: cannot open", ds.dir().display()))?
@@ -397,14 +368,7 @@ impl FeatureWriter {
             .map(|p| source_file(p).context("the backbone checkpoint"))
             .transpose()?;
 
-        let (parent, prefix) = temp_prefix(out)?;
-        remove_stale_temps(&parent, &prefix);
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("{}: cannot create", parent.display()))?;
-        let tmp = parent.join(format!("{prefix}{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        let guard = TempDir(Some(tmp.clone()));
+        let tmp = target.begin()?.to_path_buf();
 
         let mut trajs = Vec::with_capacity(ds.manifest.trajectories.len());
         for (i, t) in ds.manifest.trajectories.iter().enumerate() {
@@ -429,6 +393,7 @@ impl FeatureWriter {
                 expected: t.frames,
                 written: 0,
                 handle: None,
+                payload_xxh3: None,
             });
         }
         let total: usize = trajs.iter().map(|t| t.expected).sum();
@@ -436,11 +401,7 @@ impl FeatureWriter {
             .ok()
             .and_then(|v| v.parse().ok());
         Ok(Self {
-            out: out.to_path_buf(),
-            parent,
-            prefix,
-            tmp: guard,
-            force: settings.force,
+            target,
             tokens,
             channels: settings.channels,
             dtype: settings.dtype,
@@ -624,7 +585,7 @@ impl FeatureWriter {
         // the trajectory's frame `t.written`.
         let first = t.written as u64;
         let ca_off = FEATURE_HEADER_BYTES + t.expected as u64 * frame_bytes;
-        let tmp = self.tmp.0.as_ref().expect("writer not finished");
+        let tmp = self.target.staging();
         let path = tmp.join(&t.file);
         let t = &mut self.trajs[traj];
         if t.handle.is_none() {
@@ -665,7 +626,7 @@ impl FeatureWriter {
             );
         }
         self.progress.finish();
-        let tmp = self.tmp.0.clone().expect("writer not finished");
+        let tmp = self.target.staging().to_path_buf();
         for t in &mut self.trajs {
             t.handle = None;
             let path = tmp.join(&t.file);
@@ -690,6 +651,9 @@ impl FeatureWriter {
             f.set_len(len).map_err(io)?;
             // The data are durable before the header calls them complete.
             f.sync_data().map_err(io)?;
+            // The payload's checksum for the manifest (issue 16): frames arrive in any order and
+            // at two offsets each, so the finished file is read back (from the page cache).
+            t.payload_xxh3 = Some(payload_xxh3(&path)?);
             f.seek(SeekFrom::Start(12)).map_err(io)?;
             f.write_all(&header.flags().to_le_bytes()).map_err(io)?;
             f.sync_all().map_err(io)?;
@@ -712,6 +676,7 @@ impl FeatureWriter {
                 .map(|t| FeatureTrajectory {
                     file: t.file.clone(),
                     frames: t.expected,
+                    payload_xxh3: t.payload_xxh3.clone(),
                 })
                 .collect(),
         };
@@ -722,33 +687,11 @@ impl FeatureWriter {
             .and_then(|_| f.sync_all())
             .with_context(|| format!("{}: write error", mpath.display()))?;
         drop(f);
-        sync_dir(&tmp);
-
-        // Move into place: the store appears whole or not at all.
-        if self.out.exists() {
-            ensure!(
-                self.force,
-                "{}: already exists (use --force to replace it)",
-                self.out.display()
-            );
-            let old = self
-                .parent
-                .join(format!("{}{}.old", self.prefix, std::process::id()));
-            let _ = std::fs::remove_dir_all(&old);
-            std::fs::rename(&self.out, &old)
-                .with_context(|| format!("{}: cannot replace", self.out.display()))?;
-            std::fs::rename(&tmp, &self.out).with_context(|| {
-                format!("moving the features into place at {}", self.out.display())
-            })?;
-            let _ = std::fs::remove_dir_all(old);
-        } else {
-            std::fs::rename(&tmp, &self.out).with_context(|| {
-                format!("moving the features into place at {}", self.out.display())
-            })?;
-        }
-        self.tmp.0 = None;
-        sync_dir(&self.parent);
-        FeatureStore::open(&self.out)
+        // Move into place: the store appears whole or not at all, and an old one (replaced
+        // with force) stays until the new one is in.
+        let out = self.target.out().to_path_buf();
+        self.target.commit()?;
+        FeatureStore::open(&out)
     }
 }
 
@@ -888,7 +831,8 @@ impl FeatureStore {
         );
         let mut files = Vec::with_capacity(manifest.trajectories.len());
         for t in &manifest.trajectories {
-            let path = dir.join(&t.file);
+            // Paths in the manifest stay inside the store (issue 16).
+            let path = super::dataset::confined(dir, &t.file, "file")?;
             let file =
                 File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
             // SAFETY: feature files are written once by a FeatureWriter and never modified
@@ -1011,6 +955,17 @@ impl FeatureStore {
     /// The store folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The whole mapped file of trajectory `traj`, header included (for `hiermd verify`);
+    /// panics if out of range.
+    pub(crate) fn raw(&self, traj: usize) -> &[u8] {
+        &self.files[traj].map
+    }
+
+    /// Byte offset of trajectory `traj`'s C-alpha block (the end of its features).
+    pub(crate) fn ca_offset(&self, traj: usize) -> usize {
+        self.files[traj].ca_off
     }
 
     /// The file of trajectory `traj`; panics if out of range.
@@ -1167,24 +1122,11 @@ impl FeatureStore {
                 .expect("the npy header names its dtype");
             header[at..at + 5].copy_from_slice(b"'<f2'");
         }
-        let name = path
-            .file_name()
-            .with_context(|| format!("{} names no file", path.display()))?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let tmp = dir.join(format!(
-            ".{}.tmp.{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let mut guard = TempFile(Some(tmp.clone()));
-        let file =
-            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        // Never over the store's own files (issue 16); written atomically.
+        crate::output::refuse_overlap(path, &[("feature store", &self.dir)])?;
+        let mut w = AtomicFile::create(path)?;
         let io = |e: std::io::Error| {
-            anyhow::Error::new(e).context(format!("{}: write error", tmp.display()))
+            anyhow::Error::new(e).context(format!("{}: write error", path.display()))
         };
         w.write_all(&header).map_err(io)?;
         let data_end = f.ca_off;
@@ -1194,24 +1136,8 @@ impl FeatureStore {
         {
             w.write_all(chunk).map_err(io)?;
         }
-        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        guard.0 = None;
-        sync_dir(dir);
+        w.commit()?;
         Ok((header.len() + data_end - FEATURE_HEADER_BYTES as usize) as u64)
-    }
-}
-
-/// Removes a temporary file unless it was renamed into place.
-struct TempFile(Option<PathBuf>);
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 

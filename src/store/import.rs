@@ -2,6 +2,7 @@
 
 use super::dataset::{write_atom_row, Header, StoredAtom, ATOM_TABLE_HEADER};
 use super::{source_file, Dataset, Manifest, TrajectoryEntry, FORMAT_VERSION, HEADER_BYTES};
+use crate::output::{write_atomic, DirOutput, OutputKind};
 use crate::progress::Progress;
 use crate::topology::{read_topology, Topology};
 use crate::traj::{open_trajectory, Frame};
@@ -48,53 +49,6 @@ pub struct ImportReport {
     pub warnings: Vec<String>,
 }
 
-/// Removes the temporary folder unless the import completes.
-struct TempDir(Option<PathBuf>);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
-fn temp_prefix(out: &Path) -> Result<(PathBuf, String)> {
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("{}: the output needs a folder name", out.display()))?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    Ok((parent.to_path_buf(), format!(".{name}.import-")))
-}
-
-/// Removes temporary folders left by imports that were killed (their process is gone).
-fn remove_stale_temps(out: &Path) -> Result<()> {
-    let (parent, prefix) = temp_prefix(out)?;
-    let Ok(entries) = std::fs::read_dir(&parent) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok())
-        {
-            // Our own pid means a leftover of an earlier process that had it; another pid is
-            // stale once its process is gone (checked through /proc, so elsewhere every
-            // leftover counts as stale).
-            let other_alive =
-                pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
-            if !other_alive {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Imports a topology and its trajectories into a dataset folder. Nothing appears at `out` until
 /// every trajectory is written and synced; on any error (or a kill) no dataset is left.
 pub fn import(opts: &ImportOptions) -> Result<(Dataset, ImportReport)> {
@@ -103,12 +57,25 @@ pub fn import(opts: &ImportOptions) -> Result<(Dataset, ImportReport)> {
         !opts.trajectories.is_empty(),
         "import needs at least one trajectory file"
     );
-    if opts.out.exists() && !opts.force {
-        bail!(
-            "{}: already exists (use --force to replace it)",
-            opts.out.display()
+    // ---- output safety (issue 16): checked before any work ----
+    if let Some(dt) = opts.time_step_ps {
+        ensure!(
+            dt.is_finite() && dt > 0.0,
+            "--dt {dt}: the time between frames must be a positive number of ps"
         );
     }
+    let mut inputs: Vec<(&str, &Path)> = vec![("topology", &opts.topology)];
+    inputs.extend(
+        opts.trajectories
+            .iter()
+            .map(|t| ("trajectory", t.as_path())),
+    );
+    if let Some(m) = &opts.token_map {
+        inputs.push(("token map", m));
+    }
+    // An existing dataset is replaced only with --force, and never anything else.
+    let mut target = DirOutput::check(&opts.out, OutputKind::Dataset, opts.force, &inputs)?;
+    // ---- end output safety ----
     let top = read_topology(&opts.topology)?;
     ensure!(
         !top.is_empty(),
@@ -124,19 +91,15 @@ pub fn import(opts: &ImportOptions) -> Result<(Dataset, ImportReport)> {
     })?;
     let atoms = stored_atoms(&top, &selected, opts)?;
 
-    remove_stale_temps(&opts.out)?;
-    let (parent, prefix) = temp_prefix(&opts.out)?;
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
-    let tmp = parent.join(format!("{prefix}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let guard = TempDir(Some(tmp.clone()));
+    // Built in a temporary folder beside the output, swapped in when complete.
+    let tmp = target.begin()?.to_path_buf();
 
     let mut table = String::from(ATOM_TABLE_HEADER);
     table.push('\n');
     atoms.iter().for_each(|a| write_atom_row(&mut table, a));
-    std::fs::write(tmp.join("atoms.tsv"), table)?;
+    // Checksum of the stored atom table (issue 16), recorded in the manifest.
+    let atom_table_xxh3 = super::verify::xxh3_hex(xxhash_rust::xxh3::xxh3_64(table.as_bytes()));
+    write_atomic(&tmp.join("atoms.tsv"), table.as_bytes())?;
 
     let mut report = ImportReport {
         frames: Vec::new(),
@@ -145,6 +108,9 @@ pub fn import(opts: &ImportOptions) -> Result<(Dataset, ImportReport)> {
         seconds: 0.0,
         warnings: Vec::new(),
     };
+    report
+        .warnings
+        .extend(unknown_element_warning(&opts.topology, &atoms));
     let mut entries = Vec::new();
     for (i, path) in opts.trajectories.iter().enumerate() {
         let file = format!("traj-{i:04}.hmdt");
@@ -196,39 +162,42 @@ pub fn import(opts: &ImportOptions) -> Result<(Dataset, ImportReport)> {
         topology: source_file(&opts.topology)?,
         token_map: opts.token_map.as_deref().map(source_file).transpose()?,
         atom_table: "atoms.tsv".into(),
+        atom_table_xxh3: Some(atom_table_xxh3),
         time_step_ps,
         total_frames: report.frames.iter().sum(),
         trajectories: entries,
     };
-    std::fs::write(
-        tmp.join("manifest.toml"),
-        toml::to_string_pretty(&manifest)?,
+    write_atomic(
+        &tmp.join("manifest.toml"),
+        toml::to_string_pretty(&manifest)?.as_bytes(),
     )?;
-    sync_dir(&tmp)?;
-
-    // Move into place: the dataset appears whole or not at all.
-    if opts.out.exists() {
-        let old = parent.join(format!("{prefix}{}.old", std::process::id()));
-        std::fs::rename(&opts.out, &old)
-            .with_context(|| format!("{}: cannot replace", opts.out.display()))?;
-        std::fs::rename(&tmp, &opts.out)?;
-        let _ = std::fs::remove_dir_all(old);
-    } else {
-        std::fs::rename(&tmp, &opts.out)
-            .with_context(|| format!("moving the dataset into place at {}", opts.out.display()))?;
-    }
-    std::mem::forget(guard);
-    sync_dir(&parent)?;
+    // The dataset appears whole or not at all; an old one is kept until the new one is in.
+    target.commit()?;
     report.seconds = start.elapsed().as_secs_f64();
     Ok((Dataset::open(&opts.out)?, report))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    // Make the renames and new files durable; some filesystems refuse fsync on a folder.
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
-    Ok(())
+/// A warning when stored atoms have no element (Z = 0: virtual sites, coarse-grained beads):
+/// they are kept, but the atom stage refuses them unless a run leaves them out (issue 16).
+fn unknown_element_warning(topology: &Path, atoms: &[StoredAtom]) -> Option<String> {
+    let unknown: Vec<&StoredAtom> = atoms.iter().filter(|a| a.atomic_number == 0).collect();
+    let first = unknown.first()?;
+    let mut names: Vec<&str> = unknown.iter().map(|a| a.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.truncate(5);
+    Some(format!(
+        "{}: {} stored atoms have no element (X: virtual sites or coarse-grained beads, named \
+         {}; the first is {} of residue {} {}); selections and export handle them, the atom \
+         stage (featurize, end-to-end training) refuses them unless left out (data.selection = \
+         \"not element X\")",
+        topology.display(),
+        unknown.len(),
+        names.join(", "),
+        first.name,
+        first.resname,
+        first.resid
+    ))
 }
 
 fn stored_atoms(
@@ -242,16 +211,8 @@ fn stored_atoms(
     let mut atoms = Vec::with_capacity(selected.len());
     for &i in selected {
         let a = &top.atoms[i];
-        if a.atomic_number == 0 {
-            bail!(
-                "{}: atom {} ({} of residue {} {}) has an unknown element; fix the element column or the name",
-                opts.topology.display(),
-                i + 1,
-                a.name,
-                a.resname,
-                a.resid
-            );
-        }
+        // Atoms of unknown element (Z = 0: virtual sites, coarse-grained beads) are stored as
+        // element X (issue 16, interop); the atom stage refuses them unless they are dropped.
         let next = residue_ids.len() as u32;
         let residue = *residue_ids.entry(residue_of[i]).or_insert(next);
         atoms.push(StoredAtom {
@@ -260,7 +221,9 @@ fn stored_atoms(
             resname: a.resname.clone(),
             resid: a.resid,
             residue,
-            chain: if a.chain.is_empty() {
+            // MDAnalysis's placeholder segid `SYSTEM` (GRO; PDB without chain or segID) says
+            // there is no segment: it is no chain either (issue 16, interop).
+            chain: if a.chain.is_empty() && a.segid != crate::topology::PLACEHOLDER_SEGID {
                 a.segid.clone()
             } else {
                 a.chain.clone()
@@ -272,8 +235,11 @@ fn stored_atoms(
         });
     }
     if let Some(path) = &opts.token_map {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read the token map", path.display()))?;
+        // Bounded like a topology (issue 16): a regular file, gzip within limits.
+        let bytes = crate::traj::input::read_whole(path, crate::traj::input::MAX_TEXT_BYTES)
+            .context("cannot read the token map")?;
+        let text = String::from_utf8(bytes)
+            .with_context(|| format!("{}: the token map is not text", path.display()))?;
         let values: Vec<i64> = text
             .split_whitespace()
             .enumerate()
@@ -337,6 +303,8 @@ fn import_trajectory(
         std::fs::File::create(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let mut w = BufWriter::with_capacity(1 << 22, file);
     w.write_all(&vec![0u8; HEADER_BYTES as usize])?;
+    // XXH3 of the payload (every byte after the header), hashed as it is written (issue 16).
+    let mut payload = xxhash_rust::xxh3::Xxh3::new();
     let mut frame = Frame::default();
     let mut picked = vec![0f32; selected.len() * 3];
     let (mut boxes, mut times): (Vec<f32>, Vec<f64>) = (Vec::new(), Vec::new());
@@ -378,6 +346,7 @@ fn import_trajectory(
             picked[3 * k..3 * k + 3].copy_from_slice(c);
         }
         w.write_all(bytemuck::cast_slice(&picked))?;
+        payload.update(bytemuck::cast_slice(&picked));
         match frame.unit_cell {
             Some(uc) if has_box => boxes.extend(uc.vectors.iter().flatten()),
             Some(_) => {}
@@ -400,6 +369,15 @@ fn import_trajectory(
     }
     progress.finish();
     ensure!(n > 0, "{}: no frames", path.display());
+    // Values of the file that make no sense were dropped by the reader; say so (issue 16).
+    report.warnings.extend(reader.take_warnings());
+    if has_time && opts.time_step_ps.is_none() {
+        if let Err(w) = crate::traj::check_frame_times(path, &times) {
+            report.warnings.push(w);
+            has_time = false;
+            times.clear();
+        }
+    }
     if let Some(dt) = opts.time_step_ps {
         // An explicit time step wins: times start at the file's first time, or 0.
         let t0 = if has_time { times[0] } else { 0.0 };
@@ -408,10 +386,12 @@ fn import_trajectory(
     }
     if has_box {
         w.write_all(bytemuck::cast_slice(&boxes))?;
+        payload.update(bytemuck::cast_slice(&boxes));
     }
     if has_time {
         for t in &times {
             w.write_all(&t.to_le_bytes())?;
+            payload.update(&t.to_le_bytes());
         }
     }
     let header = Header {
@@ -451,5 +431,6 @@ fn import_trajectory(
         has_time,
         first_time_ps: times.first().copied(),
         time_step_ps,
+        payload_xxh3: Some(super::verify::xxh3_hex(payload.digest())),
     })
 }

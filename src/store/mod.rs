@@ -17,9 +17,10 @@ mod export;
 mod features;
 mod import;
 mod pairs;
+pub mod verify;
 
 pub use dataset::{Dataset, StoredAtom, StoredTrajectory};
-pub use export::{export, parse_frames, ExportFormat};
+pub use export::{export, export_with, parse_frames, ExportFormat};
 pub use features::{
     write_npy, FeatureData, FeatureDtype, FeatureFrame, FeatureManifest, FeatureSettings,
     FeatureStore, FeatureTrajectory, FeatureWriter, FAULT_ABORT_ENV, FEATURE_HEADER_BYTES,
@@ -65,6 +66,10 @@ pub struct Manifest {
     pub token_map: Option<SourceFile>,
     /// The atom table file (relative to the dataset folder).
     pub atom_table: String,
+    /// XXH3-64 (hex) of the atom table file; absent in datasets written before checksums were
+    /// recorded (they still open; `hiermd verify` says "no checksum recorded").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atom_table_xxh3: Option<String>,
     /// Time between saved frames in ps (from the first trajectory's times or `--dt`), if known.
     pub time_step_ps: Option<f64>,
     /// Total frames over all trajectories.
@@ -101,6 +106,11 @@ pub struct TrajectoryEntry {
     pub first_time_ps: Option<f64>,
     /// Time between frames in ps, if known (from the times, else the dataset's `time_step_ps`).
     pub time_step_ps: Option<f64>,
+    /// XXH3-64 (hex) of the stored file's payload: every byte after its 4 KiB header (the header
+    /// itself is checked field by field against this entry). Absent in datasets written before
+    /// checksums were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_xxh3: Option<String>,
 }
 
 /// A human-readable summary of a dataset, for `hiermd info`.

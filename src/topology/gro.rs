@@ -9,9 +9,16 @@
 //! Residue and atom numbers wrap at 100000 in large systems; residues stay separate because
 //! [`Topology::residue_indices`] starts a residue at every change of number or name. Elements are
 //! guessed from the atom and residue names (GRO has neither elements nor masses), masses are the
-//! elements' standard ones; chain and segment are empty.
+//! elements' standard ones; the chain is empty and the segment is MDAnalysis's `SYSTEM`.
+//!
+//! The box line is read as whitespace-separated numbers or, when the numbers run together
+//! because they overflow GROMACS's `%10.5f` (`40000.0000040000.0000040000.00000`, a box of
+//! 400 um), as numbers of five decimals each, as MDAnalysis reads it.
 
-use super::{column, element, element_fields, numbered_lines, read_bytes, Atom, Topology};
+use super::{
+    check_atom_count, column, element, element_fields, numbered_lines, read_bytes, Atom, Topology,
+    PLACEHOLDER_SEGID,
+};
 use crate::traj::UnitCell;
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
@@ -39,14 +46,53 @@ fn field_width(line: &[u8]) -> Option<usize> {
     (4..=30).contains(&w).then_some(w)
 }
 
+/// Splits a box line whose numbers run together (each written with GROMACS's `%10.5f` but too
+/// wide for 10 columns) into numbers of exactly five decimals; `None` unless the whole line
+/// (blanks aside) is such numbers.
+fn run_together(text: &str) -> Option<Vec<f64>> {
+    let b: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        if b[i] == b'-' {
+            i += 1;
+        }
+        let int = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == int || b.get(i) != Some(&b'.') {
+            return None;
+        }
+        i += 1;
+        let decimals = b.get(i..i + 5)?;
+        if !decimals.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        i += 5;
+        out.push(std::str::from_utf8(&b[start..i]).ok()?.parse().ok()?);
+    }
+    Some(out)
+}
+
 /// Converts the GRO box line (nm; `v1x v2y v3z [v1y v1z v2x v2z v3x v3y]`) to a unit cell in
 /// Angstrom; `None` for an all-zero box.
 fn parse_box(path: &Path, ln: usize, line: &[u8]) -> Result<Option<UnitCell>> {
     let text = String::from_utf8_lossy(line);
-    let vals: Vec<f64> = text
+    let split: Option<Vec<f64>> = text
         .split_whitespace()
-        .map(|t| t.parse::<f64>().ok().filter(|x| x.is_finite()))
-        .collect::<Option<_>>()
+        .map(|t| t.parse::<f64>().ok())
+        .collect();
+    let counted = |v: &Vec<f64>| matches!(v.len(), 3 | 9);
+    // Whitespace-separated first; numbers that run together only when that fails to give 3 or
+    // 9 numbers, so that a box line of the wrong length keeps its own message below.
+    let vals = split
+        .clone()
+        .filter(counted)
+        .or_else(|| run_together(&text).filter(counted))
+        .or(split)
+        .filter(|v| v.iter().all(|x| x.is_finite()))
         .ok_or_else(|| anyhow!("{}:{ln}: bad box line {:?}", path.display(), text.trim()))?;
     let v = match vals.len() {
         3 => [vals[0], vals[1], vals[2], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
@@ -87,6 +133,7 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
     if natoms == 0 {
         bail!("{p}:{ln}: the file declares 0 atoms");
     }
+    check_atom_count(path, natoms)?;
     // Capacity from the file size, not the declared count, so a corrupt count cannot exhaust
     // memory before the truncation is found.
     let cap = natoms.min(data.len() / 20 + 1);
@@ -143,7 +190,7 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
             resid,
             icode: ' ',
             chain: String::new(),
-            segid: String::new(),
+            segid: PLACEHOLDER_SEGID.to_string(),
             element,
             atomic_number,
             mass,
@@ -196,5 +243,22 @@ mod tests {
         assert!(parse_box(Path::new("x.gro"), 3, b"0 0 0")
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn run_together_box() {
+        // MDAnalysisTests' huge_box.gro: three %10.5f fields of 11 characters each.
+        let c = parse_box(Path::new("x.gro"), 3, b"40000.0000040000.0000040000.00000")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.vectors[0], [400000.0, 0.0, 0.0]);
+        assert_eq!(c.vectors[2], [0.0, 0.0, 400000.0]);
+        assert_eq!(
+            run_together("12345.12345-1.50000 3.00000"),
+            Some(vec![12345.12345, -1.5, 3.0])
+        );
+        assert_eq!(run_together("1.5 2.5 3.5"), None);
+        assert_eq!(run_together("1.50000x"), None);
+        assert!(parse_box(Path::new("x.gro"), 3, b"40000.000004000").is_err());
     }
 }

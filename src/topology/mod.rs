@@ -1,5 +1,16 @@
 //! Topologies: atoms with their names, residues, chains, elements and masses, read from PDB
 //! (including multi-model files), GRO and PSF.
+//!
+//! Reading is bounded ([`crate::traj::input`]): only regular files (a device, FIFO or directory
+//! is refused by its type at once, also through a symlink), at most
+//! [`MAX_TEXT_BYTES`](crate::traj::input::MAX_TEXT_BYTES) of text, gzip inflating to at most
+//! [`GZIP_MAX_RATIO`](crate::traj::input::GZIP_MAX_RATIO) times its size, and at most
+//! [`MAX_ATOMS`] atoms.
+//!
+//! Atoms whose element is unknown (virtual sites such as TIP4P's `MW` and TIP5P's `LP`/`EP`,
+//! coarse-grained beads such as Martini's `GL1`, an element column of `X`) are kept as element
+//! `X` (Z = 0): `all`, `water` and `resname` select them, `heavy` leaves them out, and the atom
+//! stage refuses them unless they are dropped (see `crate::model::atom::AtomInputs`).
 
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -26,7 +37,10 @@ pub struct Atom {
     pub icode: char,
     /// Chain identifier (PDB chain, else segment id), trimmed; may be empty.
     pub chain: String,
-    /// Segment id (PSF segid, PDB columns 73-76), trimmed; may be empty.
+    /// Segment id, filled as MDAnalysis fills it: the PSF segid; the PDB segID columns 73-76,
+    /// or the chain IDs when no atom of the file has a segID, or `SYSTEM` when none has either;
+    /// `SYSTEM` for GRO files. Trimmed; may be empty (PSF, or PDB atoms without one in a file
+    /// where others have one).
     pub segid: String,
     /// Element symbol, capitalised (`C`, `Fe`); `X` if unknown.
     pub element: String,
@@ -118,20 +132,29 @@ pub fn read_topology(path: &Path) -> Result<Topology> {
     }
 }
 
+/// Segment id MDAnalysis gives atoms when the file has none (GRO; PDB without segID or chain).
+pub const PLACEHOLDER_SEGID: &str = "SYSTEM";
+
+/// Most atoms a topology may hold (the trajectory readers' limit, 100 million): a count above it
+/// is a corrupt file, not a system.
+pub const MAX_ATOMS: usize = 100_000_000;
+
 /// Reads a whole topology file, decompressing it when it is gzipped (recognised by its magic
-/// bytes, whatever its name).
+/// bytes, whatever its name), within the bounds of [`crate::traj::input::read_whole`]: only a
+/// regular file, at most [`crate::traj::input::MAX_TEXT_BYTES`].
 fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    use anyhow::Context;
-    use std::io::Read;
-    let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{}: bad gzip data", path.display()))?;
-        return Ok(out);
+    crate::traj::input::read_whole(path, crate::traj::input::MAX_TEXT_BYTES)
+}
+
+/// Fails unless `n` atoms (declared by a file or counted so far) is within [`MAX_ATOMS`].
+fn check_atom_count(path: &Path, n: usize) -> Result<()> {
+    if n > MAX_ATOMS {
+        bail!(
+            "{}: {n} atoms, more than the {MAX_ATOMS} hiermd reads (a corrupt atom count?)",
+            path.display()
+        );
     }
-    Ok(raw)
+    Ok(())
 }
 
 /// Lines of a text file without their line ending (`\n` or `\r\n`), numbered from 1.

@@ -17,15 +17,22 @@
 //!   (a serine with `A`/`B` side chains has two CB); here only the first location of each residue
 //!   is kept (blank-altLoc records always, plus those with the residue's first altLoc letter,
 //!   usually `A`), see [`AltLocFilter`], so the topology holds one conformer;
-//! - chain: the chainID column, else the segID; segment: the segID column;
-//! - element: the element column when it holds a symbol, else guessed from the atom and residue
-//!   names ([`super::element::guess_from_name`]); mass: the element's standard mass (deuterium for
-//!   an element column `D`);
-//! - unit cell: the first CRYST1 before the first atom; the 1 Å cubic placeholder that wwPDB
-//!   requires for structures without a crystal cell (cryo-EM, NMR) means no cell, as in
-//!   MDAnalysis, and so do zero lengths.
+//! - chain: the chainID column, else the segID; segment: as MDAnalysis, the segID column, or the
+//!   chainID column when no atom of the file has a segID, or `SYSTEM` when none has either;
+//! - element: the element column when it holds a symbol; unknown (`X`, Z = 0) when it holds
+//!   something else (`X` for coarse-grained beads, `DU`), as MDAnalysis leaves such elements
+//!   empty; guessed from the atom and residue names when it is blank
+//!   ([`super::element::guess_from_name`]); mass: the element's standard mass (deuterium for an
+//!   element column `D`, 0 for an unknown element);
+//! - unit cell: the first CRYST1 before the first atom, or, in a file whose CRYST1 records
+//!   follow their models (none before the first MODEL), the CRYST1 after the first ENDMDL; the
+//!   1 Å cubic placeholder that wwPDB requires for structures without a crystal cell (cryo-EM,
+//!   NMR) means no cell, as in MDAnalysis, and so do zero lengths.
 
-use super::{column, element, element_fields, numbered_lines, read_bytes, Atom, Topology};
+use super::{
+    check_atom_count, column, element, element_fields, numbered_lines, read_bytes, Atom, Topology,
+    PLACEHOLDER_SEGID,
+};
 use crate::traj::UnitCell;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
@@ -164,9 +171,14 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
     let mut cell: Option<Option<UnitCell>> = None;
     let mut altlocs = AltLocFilter::new();
     let mut seen_model = false;
+    // The chainID column of every atom, for segment ids taken from chains.
+    let mut chain_cols: Vec<u8> = Vec::new();
     // Previous atom's (unwrapped) residue number with its chainID and segID columns.
     let mut prev: Option<(i64, u8, String)> = None;
-    for (ln, line) in numbered_lines(data) {
+    let mut lines = numbered_lines(data);
+    // Whether the first model ended at its ENDMDL (rather than at END, a MODEL or the end).
+    let mut closed_model = false;
+    for (ln, line) in lines.by_ref() {
         if line.starts_with(b"MODEL") {
             if !atoms.is_empty() || seen_model {
                 break;
@@ -177,6 +189,7 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
         if line.starts_with(b"END") {
             // ENDMDL and END close the first model; an END before any atom closes nothing.
             if !atoms.is_empty() {
+                closed_model = seen_model && line.starts_with(b"ENDMDL");
                 break;
             }
             continue;
@@ -191,12 +204,14 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
             continue;
         }
         let index = atoms.len() + 1;
+        check_atom_count(path, index)?;
         let err = |msg: String| -> anyhow::Error {
             anyhow::anyhow!("{}:{ln}: atom {index}: {msg}", path.display())
         };
         let name = column(line, 12, 16).into_owned();
         let resname = column(line, 17, 21).into_owned();
         let chain_col = line.get(21).copied().unwrap_or(b' ');
+        chain_cols.push(chain_col);
         let segid = column(line, 72, 76).into_owned();
         let resseq = column(line, 22, 26);
         let mut resid = parse_resseq(&resseq)
@@ -233,7 +248,10 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
                 (Some(z), Some(element::DEUTERIUM_MASS))
             }
             Some(z) => (Some(z), None),
-            None => (element::guess_from_name(&name, &resname), None),
+            // A blank column says nothing: guess. Anything else that is no element (`X` of
+            // coarse-grained beads, `DU`) says the element is unknown, as MDAnalysis reads it.
+            None if element_col.is_empty() => (element::guess_from_name(&name, &resname), None),
+            None => (None, None),
         };
         let (element, atomic_number, mass) = element_fields(z, file_mass);
         let chain = if chain_col.is_ascii_graphic() {
@@ -257,6 +275,34 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
     }
     if atoms.is_empty() {
         bail!("{}: no ATOM or HETATM record", path.display());
+    }
+    if cell.is_none() && closed_model {
+        // CRYST1 records that follow their models: the first model's box comes after its
+        // ENDMDL, before the next model.
+        for (ln, line) in lines {
+            if line.starts_with(b"MODEL") || is_atom_record(line) {
+                break;
+            }
+            if line.starts_with(b"CRYST1") {
+                cell = Some(parse_cryst1(path, ln, line)?);
+            }
+        }
+    }
+    // Segment ids as MDAnalysis fills them: the chain IDs when no atom has a segID, and its
+    // placeholder when no atom has either.
+    if atoms.iter().all(|a| a.segid.is_empty()) {
+        for (a, &c) in atoms.iter_mut().zip(&chain_cols) {
+            a.segid = if c.is_ascii_graphic() {
+                (c as char).to_string()
+            } else {
+                String::new()
+            };
+        }
+        if atoms.iter().all(|a| a.segid.is_empty()) {
+            for a in &mut atoms {
+                a.segid = PLACEHOLDER_SEGID.to_string();
+            }
+        }
     }
     Ok(Topology {
         source: path.to_path_buf(),

@@ -13,10 +13,13 @@
 //! types are not kept, and residue names stay text even when numeric.
 //!
 //! A residue number may carry an insertion letter (`10A`): the number is the resid, the letter the
-//! insertion code. The chain is the segid. Masses come from the file; the element is guessed from
-//! the mass and the name ([`super::element::guess`]).
+//! insertion code. The chain is the segid. Masses come from the file and must be numbers of at
+//! least 0 (0 for virtual sites and lone pairs; an error names the line otherwise); the element
+//! is guessed from the mass and the name ([`super::element::guess`]).
 
-use super::{element, element_fields, numbered_lines, read_bytes, Atom, Topology};
+use super::{
+    check_atom_count, element, element_fields, numbered_lines, read_bytes, Atom, Topology,
+};
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
 
@@ -136,6 +139,32 @@ fn split(line: &[u8]) -> Option<AtomFields> {
     })
 }
 
+/// Says which field of an atom line that neither layout reads is wrong (by whitespace-separated
+/// fields, the layout both fall back to).
+fn diagnose(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    let t: Vec<&str> = text.split_whitespace().collect();
+    if t.len() < 8 {
+        return format!(
+            "{} fields where id, segid, resid, resname, name, type, charge, mass are expected",
+            t.len()
+        );
+    }
+    if t[0].parse::<i64>().is_err() {
+        return format!("atom id {:?} is not an integer", t[0]);
+    }
+    if resid_icode(t[2]).is_none() {
+        return format!("residue number {:?} is not an integer", t[2]);
+    }
+    if real(t[6]).is_none() {
+        return format!("charge {:?} is not a finite number", t[6]);
+    }
+    if real(t[7]).is_none() {
+        return format!("mass {:?} is not a finite number", t[7]);
+    }
+    "the fields do not fit the columns".to_string()
+}
+
 /// Whether a line is `<count> !<TAG>...`; returns the count.
 fn section_count(line: &[u8], tag: &str) -> Option<Result<usize, String>> {
     let text = String::from_utf8_lossy(line);
@@ -199,6 +228,7 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
     if natoms == 0 {
         bail!("{p}:{ln}: the file declares 0 atoms");
     }
+    check_atom_count(path, natoms)?;
     // Capacity bounded by the file size, so a corrupt count cannot exhaust memory.
     let mut atoms = Vec::with_capacity(natoms.min(data.len() / 40 + 1));
     for index in 1..=natoms {
@@ -219,10 +249,20 @@ fn parse(path: &Path, data: &[u8]) -> Result<Topology> {
             .or_else(|| split(line))
             .ok_or_else(|| {
                 anyhow!(
-                    "{p}:{ln}: atom {index}: cannot read {:?} (expected id, segid, resid, resname, name, type, charge, mass)",
+                    "{p}:{ln}: atom {index}: {}: cannot read {:?} (expected id, segid, resid, resname, name, type, charge, mass)",
+                    diagnose(line),
                     String::from_utf8_lossy(line).trim()
                 )
             })?;
+        if f.mass < 0.0 {
+            bail!(
+                "{p}:{ln}: atom {index} ({} of residue {} {}): mass {} is negative",
+                f.name,
+                f.resname,
+                f.resid,
+                f.mass
+            );
+        }
         let z = element::guess(&f.name, &f.resname, Some(f.mass));
         let (element, atomic_number, mass) = element_fields(z, Some(f.mass));
         atoms.push(Atom {

@@ -154,9 +154,10 @@ pub struct Source {
 }
 
 impl Source {
-    /// Opens `path` for reading.
+    /// Opens `path` for reading; only a regular file ([`super::input::open_regular`]): a device
+    /// would give an endless stream and a FIFO would block.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
+        let file: File = super::input::open_regular(path)?;
         let len = file
             .metadata()
             .map_err(|e| anyhow!("{}: cannot stat: {e}", path.display()))?

@@ -19,7 +19,11 @@
 //! leave NSET wrong (adk_dims.dcd says 500 and holds 98). Unlike MDAnalysis, a trailing partial
 //! frame is not dropped silently: reading reaches it and fails with an error naming it.
 //! Unit cells and times are interpreted exactly as MDAnalysis 2.x `DCDReader` does (see
-//! [`unit_cell_from_charmm`] and [`DcdReader::read_frame`]).
+//! [`unit_cell_from_charmm`] and [`DcdReader::read_frame`]), except that a time step that is not
+//! [plausible](super::plausible_time_step) (DELTA x NSAVC of 0, negative, not finite, or the
+//! 2.5e-322 ps that a CHARMM header without its version flag gives when DELTA is read as
+//! X-PLOR's f64) gives no times and a warning ([`TrajectoryReader::take_warnings`]) instead of
+//! wrong ones.
 
 use super::bytes::{check_finite, check_natoms, decode_f32_strided, frame_error, Endian, Source};
 use super::{Frame, TrajectoryReader, UnitCell};
@@ -76,6 +80,10 @@ pub struct DcdReader {
     partial_bytes: u64,
     next: usize,
     buf: Vec<u8>,
+    /// Whether frames get times: the header's time step is plausible.
+    timed: bool,
+    /// Warnings not yet taken.
+    warnings: Vec<String>,
 }
 
 impl DcdReader {
@@ -200,6 +208,28 @@ impl DcdReader {
         };
         let nframes = usize::try_from(nframes).map_err(|_| anyhow!("too many frames"))?;
 
+        let nsavc = icntrl(2);
+        let dt = delta_akma * AKMA_PS * nsavc as f64;
+        let mut warnings = Vec::new();
+        let timed = super::plausible_time_step(dt);
+        if !timed {
+            // Read as CHARMM's f32, the same bytes may make sense: say so, for --dt.
+            let as_f32 = endian.f32_at(&hdr, 40).unwrap_or(0.0) as f64 * AKMA_PS * nsavc as f64;
+            let hint = if !charmm && super::plausible_time_step(as_f32) {
+                format!(
+                    "; the header has no CHARMM version flag, so DELTA was read as X-PLOR's f64 \
+                     (read as CHARMM's f32 it would give {as_f32} ps)"
+                )
+            } else {
+                String::new()
+            };
+            warnings.push(format!(
+                "{}: frame 0: the header's time step DELTA x NSAVC = {delta_akma:e} AKMA x \
+                 {nsavc} = {dt:e} ps is not plausible{hint}; frames get no times (give --dt)",
+                path.display()
+            ));
+        }
+
         Ok(Self {
             path: path.to_path_buf(),
             src,
@@ -224,6 +254,8 @@ impl DcdReader {
             partial_bytes,
             next: 0,
             buf: Vec::new(),
+            timed,
+            warnings,
         })
     }
 
@@ -241,7 +273,7 @@ impl DcdReader {
     /// `(index + ISTART / NSAVC) * DELTA * NSAVC` with DELTA converted from AKMA units.
     fn time_ps(&self, index: usize) -> Option<f64> {
         let h = &self.header;
-        if h.nsavc == 0 {
+        if h.nsavc == 0 || !self.timed {
             return None;
         }
         let dt = h.delta_akma * AKMA_PS * h.nsavc as f64;
@@ -406,5 +438,8 @@ impl TrajectoryReader for DcdReader {
     }
     fn path(&self) -> &Path {
         &self.path
+    }
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 }

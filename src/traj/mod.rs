@@ -1,11 +1,18 @@
-//! Trajectory readers: DCD, XTC, TRR and multi-model PDB, one frame at a time (memory O(one
-//! frame)). Coordinates are returned in Angstrom, times in picoseconds.
+//! Trajectory readers: DCD, XTC, TRR and multi-model PDB (plain or gzipped), one frame at a time
+//! (memory O(one frame)). Coordinates are returned in Angstrom, times in picoseconds.
+//!
+//! Only regular files are opened ([`input::open_regular`]): a device, FIFO or directory named as
+//! a trajectory is refused at once. Values a file may hold but that make no physical sense
+//! (a time that is not finite, a DCD time step of 2.5e-322 ps) do not stop the reading: the
+//! times are dropped and a warning naming the file and frame is left for
+//! [`TrajectoryReader::take_warnings`].
 
 use anyhow::{bail, Result};
 use std::path::Path;
 
 mod bytes;
 mod dcd;
+pub mod input;
 mod pdb;
 mod trr;
 mod xtc;
@@ -119,22 +126,88 @@ pub trait TrajectoryReader: Send {
     fn position(&self) -> usize;
     /// The file being read.
     fn path(&self) -> &Path;
+    /// Warnings about values the file holds that make no physical sense and were dropped (an
+    /// implausible time step, a frame time that is not finite), each naming the file and frame;
+    /// taken once (the list is emptied).
+    fn take_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
-/// Opens a trajectory, choosing the reader by extension (`.dcd`, `.xtc`, `.trr`, `.pdb`).
+/// Shortest time between saved frames taken as real, in ps: one attosecond, a thousandth of the
+/// shortest MD integration step. Anything below (such as the 2.5e-322 ps of a CHARMM DCD header
+/// read as X-PLOR's) is a misread header.
+pub const MIN_TIME_STEP_PS: f64 = 1e-6;
+
+/// Longest time between saved frames taken as real, in ps: one second, beyond any simulation.
+pub const MAX_TIME_STEP_PS: f64 = 1e12;
+
+/// Whether `dt` (ps) is a plausible time between saved frames: finite and between
+/// [`MIN_TIME_STEP_PS`] and [`MAX_TIME_STEP_PS`].
+pub fn plausible_time_step(dt: f64) -> bool {
+    dt.is_finite() && (MIN_TIME_STEP_PS..=MAX_TIME_STEP_PS).contains(&dt)
+}
+
+/// Checks the frame times a file gave (ps, one per frame): `Err` with a warning naming the file
+/// and the frame unless the first step is [plausible](plausible_time_step) (so a file whose
+/// frames all say t = 0, or go back in time, gives no time step rather than a wrong one).
+pub fn check_frame_times(path: &Path, times: &[f64]) -> Result<(), String> {
+    if let Some(i) = times.iter().position(|t| !t.is_finite()) {
+        return Err(format!(
+            "{}: frame {i}: time {} ps is not finite; the file's times are dropped (give --dt)",
+            path.display(),
+            times[i]
+        ));
+    }
+    if let [t0, t1, ..] = times {
+        let dt = t1 - t0;
+        if !plausible_time_step(dt) {
+            return Err(format!(
+                "{}: frame 1: time {t1} ps after frame 0 at {t0} ps is a time step of {dt} ps, \
+                 which is not plausible; the file's times are dropped (give --dt)",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Opens a trajectory, choosing the reader by extension (`.dcd`, `.xtc`, `.trr`, `.pdb`; PDB
+/// also gzipped: `.pdb.gz`). Only regular files are opened.
 pub fn open_trajectory(path: &Path) -> Result<Box<dyn TrajectoryReader>> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let ext_of = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    let ext = ext_of(path);
+    if matches!(ext.as_str(), "gz" | "bz2") {
+        let inner = path
+            .file_stem()
+            .map(|s| ext_of(Path::new(s)))
+            .unwrap_or_default();
+        return match (ext.as_str(), inner.as_str()) {
+            ("gz", "pdb" | "ent") => Ok(Box::new(PdbTrajectoryReader::open(path)?)),
+            ("bz2", _) => bail!(
+                "{}: bzip2-compressed trajectories are not read (no bzip2 decoder is built in): \
+                 decompress it first (bunzip2 -k), or recompress with gzip for PDB",
+                path.display()
+            ),
+            _ => bail!(
+                "{}: a compressed {inner:?} trajectory: only PDB trajectories are read gzipped \
+                 (.pdb.gz); decompress it first (gunzip -k)",
+                path.display()
+            ),
+        };
+    }
     Ok(match ext.as_str() {
         "dcd" => Box::new(DcdReader::open(path)?),
         "xtc" => Box::new(XtcReader::open(path)?),
         "trr" => Box::new(TrrReader::open(path)?),
         "pdb" | "ent" => Box::new(PdbTrajectoryReader::open(path)?),
         _ => bail!(
-            "{}: unknown trajectory format {ext:?} (expected .dcd, .xtc, .trr or .pdb)",
+            "{}: unknown trajectory format {ext:?} (expected .dcd, .xtc, .trr, .pdb or .pdb.gz)",
             path.display()
         ),
     })

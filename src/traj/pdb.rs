@@ -1,4 +1,4 @@
-//! Multi-model PDB files read as trajectories, streamed line by line.
+//! Multi-model PDB files (plain or gzipped) read as trajectories, streamed line by line.
 //!
 //! Frames:
 //! - with MODEL records, each `MODEL` ... `ENDMDL` block is a frame (a `MODEL` without `ENDMDL`
@@ -7,17 +7,23 @@
 //! - without MODEL records, the file is one frame, or several separated by `END` records (the
 //!   concatenated multi-frame PDB that VMD writes).
 //!
-//! Coordinates are the ATOM/HETATM columns 31-38, 39-46, 47-54 (Angstrom). The unit cell comes from
-//! the latest CRYST1 record (before or inside a model; it carries over to later models, which is
-//! what MDAnalysis does for a file with one CRYST1 before its models). As in MDAnalysis, the
-//! 1 Angstrom cubic placeholder of cryo-EM and NMR entries, an unparsable CRYST1 or zero lengths
-//! mean no unit cell. Every model must have as many atoms as the first.
+//! Coordinates are the ATOM/HETATM columns 31-38, 39-46, 47-54 (Angstrom). The unit cell comes
+//! from the latest CRYST1 record (before or inside a model). It carries over to later models, so
+//! one CRYST1 before all the models boxes them all, where MDAnalysis 2.11 gives such frames no
+//! box (its frames start after each MODEL record unless there is a CRYST1 per model). Files
+//! whose CRYST1 records follow their models (`MODEL`, atoms, `ENDMDL`, `CRYST1`, as some tools
+//! write NPT runs: no CRYST1 before the first MODEL) give each model the CRYST1 after its
+//! ENDMDL, as MDAnalysis does. As in MDAnalysis, the 1 Angstrom cubic placeholder of cryo-EM and
+//! NMR entries, an unparsable CRYST1 or zero lengths mean no unit cell. Every model must have as
+//! many atoms as the first.
+//!
+//! A gzipped file (recognised by its magic bytes) is inflated as it is read, bounded by
+//! [`super::input::gzip_limit`] so that a decompression bomb is refused.
 
 use super::bytes::{check_finite, frame_error, MAX_ATOMS};
 use super::{Frame, TrajectoryReader, UnitCell};
 use anyhow::{anyhow, bail, Result};
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 /// Longest line accepted: PDB lines are 80 columns; a longer "line" means a binary or corrupt
@@ -38,32 +44,42 @@ enum Mode {
 /// Streaming multi-model PDB reader: one frame read per call, memory O(one frame).
 pub struct PdbTrajectoryReader {
     path: PathBuf,
-    reader: BufReader<File>,
+    /// The text (inflated when the file is gzipped); reopened to rewind.
+    reader: Box<dyn BufRead + Send>,
     natoms: usize,
     next: usize,
     line: Vec<u8>,
     line_no: u64,
+    /// `line` holds a line read ahead that the next [`Self::next_line`] returns again.
+    pushed_back: bool,
     mode: Mode,
     /// A MODEL record ended the previous frame and opens the next one.
     pending_model: Option<String>,
     /// Unit cell of the latest CRYST1 record.
     cell: Option<UnitCell>,
+    /// Whether a CRYST1 record came before the first MODEL record (`None` until that MODEL):
+    /// if not, CRYST1 records follow their models.
+    cryst_before_models: Option<bool>,
+    /// Whether any CRYST1 record was read so far.
+    seen_cryst: bool,
 }
 
 impl PdbTrajectoryReader {
     /// Opens a PDB file; the first frame is scanned for the atom count.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
         let mut r = Self {
             path: path.to_path_buf(),
-            reader: BufReader::with_capacity(1 << 20, file),
+            reader: super::input::open_text_stream(path, 1 << 20)?,
             natoms: 0,
             next: 0,
             line: Vec::with_capacity(128),
             line_no: 0,
+            pushed_back: false,
             mode: Mode::Unknown,
             pending_model: None,
             cell: None,
+            cryst_before_models: None,
+            seen_cryst: false,
         };
         let mut coords = Vec::new();
         let natoms = match r.read_block(&mut coords) {
@@ -79,18 +95,24 @@ impl PdbTrajectoryReader {
     }
 
     fn rewind(&mut self) -> Result<()> {
-        self.reader
-            .seek(SeekFrom::Start(0))
-            .map_err(|e| anyhow!("{}: seek error: {e}", self.path.display()))?;
+        // Reopened rather than seeked: a gzip stream cannot seek.
+        self.reader = super::input::open_text_stream(&self.path, 1 << 20)?;
         self.line_no = 0;
+        self.pushed_back = false;
         self.mode = Mode::Unknown;
         self.pending_model = None;
         self.cell = None;
+        self.cryst_before_models = None;
+        self.seen_cryst = false;
         Ok(())
     }
 
     /// Reads the next line into `self.line` without its line ending; `false` at the end.
     fn next_line(&mut self) -> Result<bool> {
+        if self.pushed_back {
+            self.pushed_back = false;
+            return Ok(true);
+        }
         self.line.clear();
         let n = (&mut self.reader)
             .take(MAX_LINE)
@@ -132,11 +154,17 @@ impl PdbTrajectoryReader {
                     self.pending_model = Some(serial);
                     return Ok(Some(model));
                 }
+                if self.cryst_before_models.is_none() {
+                    self.cryst_before_models = Some(self.seen_cryst);
+                }
                 self.mode = Mode::Models;
                 model = Some(serial);
                 in_model = true;
             } else if rec == b"ENDMDL" {
                 if in_model {
+                    if self.cryst_before_models == Some(false) {
+                        self.trailing_cryst()?;
+                    }
                     return Ok(Some(model));
                 }
             } else if rec == b"ATOM  " || rec == b"HETATM" {
@@ -168,6 +196,7 @@ impl PdbTrajectoryReader {
                     coords.push(v);
                 }
             } else if rec == b"CRYST1" {
+                self.seen_cryst = true;
                 self.cell = parse_cryst1(&self.line);
             } else if rec == b"END" || rec == b"END   " {
                 let frame_open = in_model || !coords.is_empty();
@@ -180,6 +209,24 @@ impl PdbTrajectoryReader {
             return Ok(Some(model));
         }
         Ok(None)
+    }
+
+    /// After an ENDMDL in a file whose CRYST1 records follow their models: reads on to the next
+    /// MODEL or atom record (left to be read again) and takes the CRYST1 records met on the way
+    /// as the box of the model just closed, as MDAnalysis does.
+    fn trailing_cryst(&mut self) -> Result<()> {
+        while self.next_line()? {
+            let rec = &self.line[..self.line.len().min(6)];
+            if rec.starts_with(b"MODEL") || rec == b"ATOM  " || rec == b"HETATM" {
+                self.pushed_back = true;
+                break;
+            }
+            if rec == b"CRYST1" {
+                self.seen_cryst = true;
+                self.cell = parse_cryst1(&self.line);
+            }
+        }
+        Ok(())
     }
 
     fn read_frame_inner(&mut self, frame: &mut Frame) -> Result<bool> {

@@ -62,6 +62,10 @@ pub struct TrrReader {
     /// Frames of the file consumed so far, with or without coordinates.
     file_index: usize,
     buf: Vec<u8>,
+    /// Warnings not yet taken.
+    warnings: Vec<String>,
+    /// Whether a frame without a finite time was met.
+    bad_time: bool,
 }
 
 impl TrrReader {
@@ -86,6 +90,8 @@ impl TrrReader {
             next: 0,
             file_index: 0,
             buf: Vec::new(),
+            warnings: Vec::new(),
+            bad_time: false,
         })
     }
 
@@ -150,6 +156,19 @@ impl TrrReader {
         check_finite(&frame.coords)?;
 
         frame.time_ps = Some(h.time);
+        if !h.time.is_finite() {
+            frame.time_ps = None;
+            if !self.bad_time {
+                self.bad_time = true;
+                self.warnings.push(format!(
+                    "{}: frame {}: time {} ps is not finite; the file's times are dropped \
+                     (give --dt)",
+                    self.path.display(),
+                    self.file_index,
+                    h.time
+                ));
+            }
+        }
         frame.step = Some(h.step as i64);
         Ok(Some(true))
     }
@@ -271,5 +290,8 @@ impl TrajectoryReader for TrrReader {
     }
     fn path(&self) -> &Path {
         &self.path
+    }
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 }

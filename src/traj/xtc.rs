@@ -54,6 +54,15 @@ const HEADER_BYTES: usize = 4 * (4 + 9 + 1);
 /// nm -> Angstrom.
 const NM: f32 = 10.0;
 
+/// Smallest compression precision (integer steps per nm) taken as real: 1 (a 1 nm grid) is
+/// already far coarser than any file written; GROMACS writes 1000 by default.
+pub const MIN_PRECISION: f32 = 1.0;
+
+/// Largest compression precision taken as real: 1e7 steps per nm still spans +-214 nm with 32-bit
+/// integers; beyond it the integers cannot hold a simulation box, and a precision of 1e30 (a
+/// corrupt header) would make every coordinate 0.
+pub const MAX_PRECISION: f32 = 1e7;
+
 /// Streaming XTC reader: one frame read per call, memory O(one frame).
 pub struct XtcReader {
     path: PathBuf,
@@ -64,6 +73,10 @@ pub struct XtcReader {
     scratch: Vec<u8>,
     /// Precision (1/nm) of the last compressed frame read.
     precision: Option<f32>,
+    /// Warnings not yet taken.
+    warnings: Vec<String>,
+    /// Whether a frame without a finite time was met (times of the whole file are then useless).
+    bad_time: bool,
 }
 
 impl XtcReader {
@@ -93,6 +106,8 @@ impl XtcReader {
             next: 0,
             scratch: Vec::new(),
             precision: None,
+            warnings: Vec::new(),
+            bad_time: false,
         })
     }
 
@@ -140,6 +155,19 @@ impl XtcReader {
 
         frame.unit_cell = h.unit_cell;
         frame.time_ps = Some(h.time as f64);
+        if !h.time.is_finite() {
+            frame.time_ps = None;
+            if !self.bad_time {
+                self.bad_time = true;
+                self.warnings.push(format!(
+                    "{}: frame {}: time {} ps is not finite; the file's times are dropped \
+                     (give --dt)",
+                    self.path.display(),
+                    self.next,
+                    h.time
+                ));
+            }
+        }
         frame.step = Some(h.step as i64);
         self.next += 1;
         Ok(true)
@@ -160,8 +188,12 @@ impl XtcReader {
         } else {
             u32::from_be_bytes(self.src.read_array::<4>()?) as u64
         };
-        if !(precision.is_finite() && precision > 0.0) {
-            bail!("corrupt compressed coordinates: precision {precision}");
+        if !(MIN_PRECISION..=MAX_PRECISION).contains(&precision) {
+            bail!(
+                "implausible compression precision {precision:e} (integer steps per nm; GROMACS \
+                 writes 1000, hiermd accepts {MIN_PRECISION} to {MAX_PRECISION:e}): a corrupt \
+                 frame header"
+            );
         }
         if !(FIRSTIDX as i32..MAGICINTS.len() as i32).contains(&smallidx) {
             bail!("corrupt compressed coordinates: smallidx {smallidx}");
@@ -489,5 +521,8 @@ impl TrajectoryReader for XtcReader {
     }
     fn path(&self) -> &Path {
         &self.path
+    }
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 }

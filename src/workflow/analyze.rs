@@ -1,12 +1,22 @@
 //! `hiermd analyze RUN`: validation VAMP-2 vs lag time, singular values, implied timescales vs
 //! lag time, state assignments, an MSM on the learned states (transition matrix, stationary
 //! distribution, mean first passage times), the Chapman-Kolmogorov test, state populations over
-//! time, a state map and attention maps; each a picture plus one `analysis.json`.
+//! time, a state map and attention maps; each a picture (SVG and PNG) plus one `analysis.json`
+//! and an `index.html` that shows every picture with a caption.
+//!
+//! A VAMPnet's states are checked, not assumed ([`crate::analysis::states`]): the argmax of its
+//! outputs is used only when it passes the consistency checks ([`crate::analysis::checks`]:
+//! every state holds enough frames, the MSM's slowest implied timescale agrees with the VAMP
+//! singular-value timescale, the Chapman-Kolmogorov test passes); otherwise the states come from
+//! seeded k-means on the VAMP singular functions, as many as the singular-value gap suggests.
+//! Every failed check of the states used is printed as `WARNING: <check>: <numbers>` on stderr
+//! and stored in `analysis.json`, and the headline always gives both timescales.
 
 use super::config::{ObjectiveKind, SplitKind};
 use super::run::Run;
-use crate::analysis::kmeans::KMeans;
-use crate::analysis::msm::{ck_test, implied_timescales, Msm};
+use crate::analysis::checks::{check_states, singular_value_timescale, Consistency};
+use crate::analysis::msm::{ck_test, implied_timescales_lenient, Msm};
+use crate::analysis::states::{assign_vamp_states, fit_vamp, Rejected, StateOptions};
 use crate::model::token_labels;
 use crate::objectives::vamp::{vamp_score, VampModel, VampOptions, VampScore};
 use crate::plot::{category_color, Heatmap, LinePlot, ScatterPlot, Series};
@@ -29,7 +39,8 @@ pub struct AnalyzeOptions {
     pub ck_steps: usize,
     /// Progress on stderr.
     pub progress: bool,
-    /// VAMP runs: states by k-means on the outputs rather than by their argmax.
+    /// VAMP runs: states by k-means on the VAMP singular functions even when the argmax of the
+    /// outputs passes the checks.
     pub kmeans_states: bool,
 }
 
@@ -57,8 +68,22 @@ pub struct AnalysisSummary {
     pub dt_ps: Option<f64>,
     /// The training lag in frames.
     pub lag_frames: usize,
-    /// How frames got their states: "argmax" of the outputs (SPIB: of the decoder) or "kmeans".
+    /// How frames got their states: "argmax" of the outputs (SPIB: of the decoder) or "kmeans"
+    /// (k-means on the VAMP singular functions scaled by the singular values).
     pub state_assignment: String,
+    /// The number of states the gap in the singular values suggests (VAMP runs).
+    pub states_from_gap: usize,
+    /// Assignments tried first and rejected, with their checks (the argmax, when it failed).
+    pub rejected_assignments: Vec<Rejected>,
+    /// The consistency checks of the states used (timescales in frames).
+    pub state_checks: Consistency,
+    /// One `WARNING: <check>: <numbers>` line per failed check (empty when all passed).
+    pub warnings: Vec<String>,
+    /// The slowest VAMP singular-value timescale `-lag / ln sigma_1` at the training lag, in
+    /// `timescale_unit` (VAMP runs: of the outputs; SPIB runs: of the latent z).
+    pub singular_value_timescale: f64,
+    /// The one-line summary: both timescales, the states, and whether the checks passed.
+    pub headline: String,
     /// Lags of the scans, frames.
     pub lags: Vec<usize>,
     /// Validation VAMP-2 of the network's outputs at each lag.
@@ -70,7 +95,8 @@ pub struct AnalysisSummary {
     /// Implied timescales (frames) of the MSM on the learned states at each lag, `[lag][i]`.
     pub msm_timescales: Vec<Vec<f64>>,
     /// The slowest MSM implied timescale at the training lag, in ps when dt is known (else
-    /// frames).
+    /// frames). Read it with `singular_value_timescale` and `warnings`: from a degenerate
+    /// partition it is meaningless.
     pub slowest_timescale: f64,
     /// Its unit.
     pub timescale_unit: String,
@@ -122,8 +148,23 @@ fn pair_rows(x: &[Vec<f64>], w: usize, pairs: &[PairIndex]) -> (Vec<f64>, Vec<f6
     (a, b)
 }
 
-/// Analyses a run; writes pictures and `analysis.json` into the output folder.
+/// Analyses a run with the default state assignment and checks ([`StateOptions::default`], the
+/// k-means forced by `opts.kmeans_states`); see [`analyze_with`].
 pub fn analyze(run_dir: &Path, device: &Device, opts: &AnalyzeOptions) -> Result<AnalysisSummary> {
+    analyze_with(run_dir, device, opts, &StateOptions::default())
+}
+
+/// Analyses a run; writes pictures (SVG and PNG), `analysis.json` and `index.html` into the
+/// output folder. `states` sets the number of k-means states, the seed (default: the run's
+/// training seed) and the thresholds of the consistency checks; `opts.ck_steps` overrides
+/// `states.checks.ck_steps`, and `opts.kmeans_states` forces the k-means. Failed checks are
+/// printed on stderr as `WARNING: ...` lines (always, whatever `opts.progress`).
+pub fn analyze_with(
+    run_dir: &Path,
+    device: &Device,
+    opts: &AnalyzeOptions,
+    states: &StateOptions,
+) -> Result<AnalysisSummary> {
     let mut run = Run::open(run_dir, device)?;
     let out_dir = opts.out.clone().unwrap_or_else(|| run_dir.join("analysis"));
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -142,60 +183,95 @@ pub fn analyze(run_dir: &Path, device: &Device, opts: &AnalyzeOptions) -> Result
     let pred = run.predict_all(opts.progress)?;
     let w = run.prediction_width();
     let objective = cfg.objective.kind;
-    // Discrete states and the continuous rows scored with VAMP. A VAMPnet's states are the
-    // argmax of its outputs; an under-trained one can leave a single argmax state although its
-    // outputs do separate the process (VAMP scores are blind to an affine map of the outputs),
-    // and then k-means on the outputs assigns the states instead (said in the summary).
-    let mut state_assignment = "argmax".to_string();
-    let (states, k): (Vec<Vec<u32>>, usize) = match objective {
+    // Discrete states, checked (see the module documentation). SPIB's states are its decoder's;
+    // they are checked against the VAMP timescale of its latent z.
+    let mut sopts = states.clone();
+    sopts.force_kmeans |= opts.kmeans_states;
+    sopts.checks.ck_steps = opts.ck_steps.max(1);
+    let seed = sopts.seed.unwrap_or(cfg.train.seed);
+    sopts.seed = Some(seed);
+    let vopts = VampOptions {
+        score: VampScore::Vamp2,
+        ..cfg.objective.vamp
+    };
+    let assignment = match objective {
         ObjectiveKind::Vamp => {
             let k = cfg.objective.outputs;
-            let mut states: Vec<Vec<u32>> = pred
+            let all: Vec<PairIndex> = pairs0
+                .train
                 .iter()
-                .map(|rows| {
-                    rows.chunks_exact(k)
-                        .map(|r| {
-                            let f: Vec<f32> = r.iter().map(|&x| x as f32).collect();
-                            super::run::argmax(&f) as u32
-                        })
-                        .collect()
-                })
+                .chain(&pairs0.validation)
+                .copied()
                 .collect();
-            let mut used = vec![false; k];
-            for &s in states.iter().flatten() {
-                used[s as usize] = true;
-            }
-            if used.iter().filter(|u| **u).count() < 2 || opts.kmeans_states {
-                let all: Vec<f64> = pred.iter().flatten().copied().collect();
-                let km = KMeans::fit(&all, all.len() / k, k, k, cfg.train.seed, 300)?;
-                states = pred.iter().map(|r| km.assign(r, r.len() / k)).collect();
-                state_assignment = "kmeans".into();
-                if opts.progress && !opts.kmeans_states {
+            let (a, b) = pair_rows(&pred, w, &all);
+            let model = VampModel::fit(&a, &b, all.len(), w, None, &vopts)?;
+            let asg = assign_vamp_states(&pred, k, lag, &model, &sopts)?;
+            if opts.progress {
+                for r in &asg.rejected {
                     eprintln!(
-                        "analyze: every frame has the same argmax output; states by k-means on the outputs instead"
+                        "analyze: the argmax of the outputs fails the checks ({}); states by k-means on the VAMP singular functions instead ({} states{})",
+                        r.consistency.failed_names(),
+                        asg.n_states,
+                        if states.states.is_some() { ", as asked" } else { ", from the singular-value gap" }
                     );
                 }
             }
-            (states, k)
+            asg
         }
         ObjectiveKind::Spib => {
             let d = cfg.objective.spib.z_dim;
             let k = cfg.objective.spib.states;
-            (
-                pred.iter()
-                    .map(|rows| rows.chunks_exact(d + 1).map(|r| r[d] as u32).collect())
-                    .collect(),
-                k,
-            )
+            let st: Vec<Vec<u32>> = pred
+                .iter()
+                .map(|rows| rows.chunks_exact(d + 1).map(|r| r[d] as u32).collect())
+                .collect();
+            let z: Vec<Vec<f64>> = pred
+                .iter()
+                .map(|rows| {
+                    rows.chunks_exact(d + 1)
+                        .flat_map(|r| r[..d].iter().copied())
+                        .collect()
+                })
+                .collect();
+            let sv: Vec<f64> = fit_vamp(&z, d, lag, &vopts)
+                .map(|m| m.singular_values().to_vec())
+                .unwrap_or_default();
+            let t_sv = singular_value_timescale(sv.first().copied().unwrap_or(f64::NAN), lag);
+            let consistency = check_states(&st, k, lag, t_sv, &sopts.checks);
+            crate::analysis::states::StateAssignment {
+                method: "argmax".into(),
+                states: st,
+                n_states: k,
+                gap_states: crate::analysis::states::states_from_gap(&sv, sopts.max_states),
+                singular_values: sv,
+                consistency,
+                rejected: Vec::new(),
+            }
         }
     };
+    let mut assignment = assignment;
+    if let Some(d) = dt {
+        // The checks count frames; say the times in ps too.
+        let c = &mut assignment.consistency;
+        let (m, v) = (c.msm_timescale * d, c.singular_value_timescale * d);
+        if let Some(check) = c.checks.iter_mut().find(|c| c.name == "timescales") {
+            check.detail.push_str(&format!(
+                " (MSM {} ps, singular values {} ps; 1 frame = {d} ps)",
+                fmt_time(m),
+                fmt_time(v)
+            ));
+        }
+    }
+    let states = assignment.states.clone();
+    let k = assignment.n_states;
+    let state_assignment = assignment.method.clone();
+    let warnings = assignment.consistency.warnings();
+    for w in &warnings {
+        eprintln!("{w}");
+    }
     let (scored, sw): (Vec<Vec<f64>>, usize) = match objective {
         ObjectiveKind::Vamp => (pred.clone(), w),
         ObjectiveKind::Spib => (states.iter().map(|s| one_hot(s, k)).collect(), k),
-    };
-    let vopts = VampOptions {
-        score: VampScore::Vamp2,
-        ..cfg.objective.vamp
     };
     let mut figures = Vec::new();
     let to_time = |frames: f64| dt.map_or(frames, |d| frames * d);
@@ -235,14 +311,28 @@ pub fn analyze(run_dir: &Path, device: &Device, opts: &AnalyzeOptions) -> Result
     let singular_values = model0.singular_values().to_vec();
 
     // MSM on the learned states.
-    let its = implied_timescales(&states, &lags, k, k.saturating_sub(1).max(1), true)?;
-    let msm = Msm::estimate(&states, lag, k, true)?;
+    let its = implied_timescales_lenient(&states, &lags, k, k.saturating_sub(1).max(1));
+    let msm = Msm::estimate(&states, lag, k, true)
+        .with_context(|| format!("MSM on the {state_assignment} states at lag {lag}"))?;
     let msm_ts = msm.timescales(msm.states.len().saturating_sub(1).max(1));
-    let mfpt_m = msm.mfpt_matrix();
-    let mfpt: Vec<Vec<f64>> = (0..mfpt_m.nrows())
-        .map(|i| (0..mfpt_m.ncols()).map(|j| mfpt_m[(i, j)]).collect())
-        .collect();
-    let ck = ck_test(&states, lag, k, opts.ck_steps, true)?;
+    let mfpt: Vec<Vec<f64>> = match msm.try_mfpt_matrix() {
+        Ok(m) => (0..m.nrows())
+            .map(|i| (0..m.ncols()).map(|j| m[(i, j)]).collect())
+            .collect(),
+        Err(_) => vec![vec![f64::NAN; msm.n_states()]; msm.n_states()],
+    };
+    // As many CK steps as can be estimated (a degenerate partition may have no counts at long
+    // lags; the check says so).
+    let ck = {
+        let mut steps = opts.ck_steps.max(1);
+        loop {
+            match ck_test(&states, lag, k, steps, true) {
+                Ok(ck) => break ck,
+                Err(e) if steps <= 1 => return Err(e.context("Chapman-Kolmogorov test")),
+                Err(_) => steps -= 1,
+            }
+        }
+    };
     let mut state_counts = vec![0usize; k];
     for s in states.iter().flatten() {
         state_counts[*s as usize] += 1;
@@ -498,12 +588,33 @@ pub fn analyze(run_dir: &Path, device: &Device, opts: &AnalyzeOptions) -> Result
         crate::npy::write_i32(out_dir.join("states.npy"), &[flat.len()], &flat)?;
     }
     let slowest = msm_ts.first().copied().unwrap_or(f64::NAN);
+    let t_sv = to_time(assignment.consistency.singular_value_timescale);
+    let occupied = state_counts.iter().filter(|&&c| c > 0).count();
+    let headline = headline(&HeadlineParts {
+        objective: &format!("{objective:?}").to_lowercase(),
+        lag: to_time(lag as f64),
+        unit,
+        msm: to_time(slowest),
+        singular: t_sv,
+        states: occupied,
+        method: &state_assignment,
+        failed: &assignment.consistency.failed_names(),
+    });
+    if opts.progress {
+        eprintln!("analyze: {headline}");
+    }
     let summary = AnalysisSummary {
         run: run_dir.to_path_buf(),
         objective: format!("{objective:?}").to_lowercase(),
         dt_ps: dt,
         lag_frames: lag,
         state_assignment,
+        states_from_gap: assignment.gap_states,
+        rejected_assignments: assignment.rejected.clone(),
+        state_checks: assignment.consistency.clone(),
+        warnings,
+        singular_value_timescale: t_sv,
+        headline,
         lags,
         validation_vamp2: val_scores,
         singular_values,
@@ -521,5 +632,230 @@ pub fn analyze(run_dir: &Path, device: &Device, opts: &AnalyzeOptions) -> Result
         &out_dir.join("analysis.json"),
         &serde_json::to_vec_pretty(&summary)?,
     )?;
+    write_index(&out_dir)?;
     Ok(summary)
+}
+
+/// The numbers of a headline.
+struct HeadlineParts<'a> {
+    objective: &'a str,
+    lag: f64,
+    unit: &'a str,
+    msm: f64,
+    singular: f64,
+    states: usize,
+    method: &'a str,
+    failed: &'a str,
+}
+
+fn fmt_time(t: f64) -> String {
+    if t.is_finite() {
+        format!("{t:.1}")
+    } else if t.is_infinite() {
+        "infinite".into()
+    } else {
+        "n/a".into()
+    }
+}
+
+/// "vamp, lag 20 ps: slowest implied timescale 150.2 ps (MSM on 2 states, argmax) vs 160.1 ps
+/// (VAMP singular values); all checks passed" or "...; WARNING: checks failed: ...".
+fn headline(p: &HeadlineParts) -> String {
+    let how = match p.method {
+        "kmeans" => "k-means on the singular functions",
+        "argmax" if p.objective == "spib" => "SPIB decoder",
+        m => m,
+    };
+    let singular = if p.objective == "spib" {
+        "VAMP singular values of z"
+    } else {
+        "VAMP singular values"
+    };
+    format!(
+        "{}, lag {} {}: slowest implied timescale {} {} (MSM on {} states, {how}) vs {} {} ({singular}); {}",
+        p.objective,
+        fmt_time(p.lag),
+        p.unit,
+        fmt_time(p.msm),
+        p.unit,
+        p.states,
+        fmt_time(p.singular),
+        p.unit,
+        if p.failed.is_empty() {
+            "all consistency checks passed".to_string()
+        } else {
+            format!("WARNING: failed checks: {} (the MSM number is not to be trusted)", p.failed)
+        }
+    )
+}
+
+impl AnalysisSummary {
+    /// The one-line summary for a terminal (the same as [`AnalysisSummary::headline`]'s field):
+    /// both slowest timescales, MSM and singular-value, the states, and the checks.
+    pub fn headline(&self) -> &str {
+        &self.headline
+    }
+}
+
+/// Captions of the pictures `analyze` (and the demo) writes, by file stem.
+fn caption_for(stem: &str) -> Option<&'static str> {
+    Some(match stem {
+        "vamp2_vs_lag" => "Validation VAMP-2 score of the outputs against lag time.",
+        "implied_timescales" => {
+            "Implied timescales against lag time: MSM on the states (solid, markers) and VAMP singular values (dashed); below the grey line lag = timescale nothing is resolved."
+        }
+        "singular_values" => "Singular values of the Koopman matrix at the training lag: the gap after the slow ones sets the number of states.",
+        "msm_transition_matrix" => "Transition matrix of the MSM on the states at the training lag.",
+        "msm_mfpt" => "Mean first passage times between the MSM's states (log scale).",
+        "msm_stationary" => "Stationary distribution of the MSM.",
+        "ck_test" => "Chapman-Kolmogorov test: self-transition probabilities predicted by the MSM at the lag (dashed) against those estimated at multiples of it (markers).",
+        "state_populations" => "Fraction of frames in each state over time, trajectories back to back.",
+        "state_map" => "Frames on the first two singular functions (SPIB: its latent z), coloured by state.",
+        "ramachandran_states" => "The states on the (phi, psi) plane.",
+        _ => return None,
+    })
+}
+
+/// The `<title>` of an SVG file, if any.
+fn svg_title(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let a = text.find("<title>")? + "<title>".len();
+    let b = a + text[a..].find("</title>")?;
+    Some(
+        text[a..b]
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Every `.svg` under `dir` (recursively), as paths relative to it, top-level files first, each
+/// level sorted by name.
+fn svgs_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(root.join(rel)) else {
+            return;
+        };
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        for e in rd.flatten() {
+            let name = PathBuf::from(e.file_name());
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                dirs.push(name);
+            } else if name.extension().is_some_and(|x| x == "svg") {
+                files.push(rel.join(name));
+            }
+        }
+        files.sort();
+        dirs.sort();
+        out.extend(files);
+        for d in dirs {
+            walk(root, &rel.join(d), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), &mut out);
+    out
+}
+
+/// Writes `index.html` into an analysis folder: the headline, warnings and checks from its
+/// `analysis.json` (when there is one), then every SVG picture under the folder, shown as its
+/// PNG (the SVG where there is no PNG) with a caption and links to both. Call it again after
+/// adding pictures. Returns the path written.
+pub fn write_index(dir: &Path) -> Result<PathBuf> {
+    use std::fmt::Write as _;
+    let mut h = String::new();
+    h.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+    h.push_str("<title>hiermd analysis</title>\n<style>\n");
+    h.push_str("body { font-family: sans-serif; margin: 1.5em; max-width: 1400px; }\n");
+    h.push_str(".warn { color: #a00; font-weight: bold; }\n.ok { color: #070; }\n");
+    h.push_str(
+        "figure { display: inline-block; vertical-align: top; margin: 0.8em; max-width: 660px; }\n",
+    );
+    h.push_str("figure img { max-width: 640px; width: 100%; border: 1px solid #ddd; }\n");
+    h.push_str("figcaption { font-size: 0.9em; color: #333; }\n</style>\n</head>\n<body>\n");
+    h.push_str("<h1>hiermd analysis</h1>\n");
+    let json: Option<serde_json::Value> = std::fs::read_to_string(dir.join("analysis.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(j) = &json {
+        if let Some(run) = j["run"].as_str() {
+            let _ = writeln!(h, "<p>Run: <code>{}</code></p>", html_escape(run));
+        }
+        if let Some(line) = j["headline"].as_str() {
+            let _ = writeln!(h, "<p><b>{}</b></p>", html_escape(line));
+        }
+        let warnings: Vec<&str> = j["warnings"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        for w in &warnings {
+            let _ = writeln!(h, "<p class=\"warn\">{}</p>", html_escape(w));
+        }
+        if let Some(checks) = j["state_checks"]["checks"].as_array() {
+            h.push_str("<ul>\n");
+            for c in checks {
+                let passed = c["passed"].as_bool().unwrap_or(false);
+                let _ = writeln!(
+                    h,
+                    "<li class=\"{}\">{}: {}: {}</li>",
+                    if passed { "ok" } else { "warn" },
+                    if passed { "passed" } else { "FAILED" },
+                    html_escape(c["name"].as_str().unwrap_or("")),
+                    html_escape(c["detail"].as_str().unwrap_or(""))
+                );
+            }
+            h.push_str("</ul>\n");
+        }
+        h.push_str("<p>Numbers: <a href=\"analysis.json\">analysis.json</a>; states per frame: <code>states.npy</code>.</p>\n");
+    }
+    for svg in svgs_under(dir) {
+        let rel = |p: &Path| {
+            p.components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let png = svg.with_extension("png");
+        let has_png = dir.join(&png).exists();
+        let stem = svg
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let title = svg_title(&dir.join(&svg)).unwrap_or_default();
+        let caption = match caption_for(&stem) {
+            Some(c) if title.is_empty() => c.to_string(),
+            Some(c) => format!("{title}. {c}"),
+            None if !title.is_empty() => title,
+            None => stem.clone(),
+        };
+        let (s_rel, p_rel) = (html_escape(&rel(&svg)), html_escape(&rel(&png)));
+        let _ = writeln!(
+            h,
+            "<figure id=\"{}\">\n<a href=\"{s_rel}\"><img src=\"{}\" alt=\"{}\" loading=\"lazy\"></a>\n<figcaption>{} (<a href=\"{s_rel}\">SVG</a>{})</figcaption>\n</figure>",
+            html_escape(&rel(&svg).replace('/', "-")),
+            if has_png { &p_rel } else { &s_rel },
+            html_escape(&caption),
+            html_escape(&caption),
+            if has_png {
+                format!(", <a href=\"{p_rel}\">PNG</a>")
+            } else {
+                String::new()
+            }
+        );
+    }
+    h.push_str("</body>\n</html>\n");
+    let path = dir.join("index.html");
+    crate::optim::write_atomic(&path, h.as_bytes())?;
+    Ok(path)
 }

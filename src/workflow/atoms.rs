@@ -5,6 +5,7 @@
 use super::checkpoint::Checkpoints;
 use crate::model::atom::{AtomInputs, AtomModel, AtomModelConfig};
 use crate::optim::{OptimConfig, Optimizer};
+use crate::output::{DirOutput, OutputKind};
 use crate::progress::Progress;
 use crate::store::{Dataset, FeatureDtype, FeatureSettings, FeatureWriter};
 use crate::tape::{ParamId, ParamStore, Tape};
@@ -33,7 +34,7 @@ pub struct InitModelArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Seed of the initialisation (overrides the configuration's `backbone.seed`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// The model file to write (safetensors).
     #[arg(long)]
@@ -77,12 +78,13 @@ fn describe(c: &AtomModelConfig, params: usize) -> String {
 /// Runs `hiermd init-model`.
 pub fn init_model(args: &InitModelArgs, device: &Device) -> Result<()> {
     let config = read_config(args.config.as_deref(), args.seed)?;
-    if args.out.exists() && !args.force {
-        bail!(
-            "--out {}: already exists (use --force to replace it)",
-            args.out.display()
-        );
-    }
+    // Never over its configuration; an existing file only with --force (issue 16).
+    let inputs: Vec<(&str, &Path)> = args
+        .config
+        .iter()
+        .map(|c| ("configuration", c.as_path()))
+        .collect();
+    crate::output::check_file_output(&args.out, args.force, &inputs)?;
     let (model, ps) = AtomModel::create(config, device)?;
     model
         .save(&ps, &args.out)
@@ -179,7 +181,7 @@ pub struct FeaturizeArgs {
     #[arg(long, conflicts_with = "model")]
     pub config: Option<PathBuf>,
     /// Seed of a fresh model, when --model is not given.
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with = "model", allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// The output: a feature store folder, or with `--format npy` a folder of .npy files.
     #[arg(long)]
@@ -191,7 +193,7 @@ pub struct FeaturizeArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: FeatureDtype,
     /// Frames per batch (default: about 8192 atoms' worth, at most 512 frames).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub batch: Option<usize>,
     /// Replace an existing output.
     #[arg(long)]
@@ -226,14 +228,14 @@ fn run_frames(
     }
     let mut tape = Tape::new(ps, 0);
     tape.set_training(false);
-    let a = inputs.atoms();
     for (t, traj) in ds.trajectories.iter().enumerate() {
         let n = traj.frames();
         let mut start = 0;
         while start < n {
             let end = (start + batch).min(n);
             let f = end - start;
-            let pos = &traj.coords()[start * a * 3..end * a * 3];
+            // Checked as read (issue 16): a NaN or 1e30 in the store is an error naming it.
+            let pos = ds.checked_frames(t, start..end)?;
             let idx: Vec<usize> = (start..end).collect();
             let cells = cells_of(ds, t, &idx);
             tape.reset();
@@ -271,8 +273,8 @@ struct NpyTraj {
 /// The `.npy` output of featurize: files built in a temporary folder beside `--out`, renamed
 /// into place when every trajectory is whole (a failed run leaves nothing at `--out`).
 struct NpyOut {
-    out: PathBuf,
-    tmp: Option<PathBuf>,
+    /// The output folder, checked at create and built in its temporary folder (issue 16).
+    target: DirOutput,
     tokens: usize,
     hidden: usize,
     dtype: FeatureDtype,
@@ -281,44 +283,19 @@ struct NpyOut {
     bytes: u64,
 }
 
-impl Drop for NpyOut {
-    fn drop(&mut self) {
-        if let Some(t) = self.tmp.take() {
-            let _ = std::fs::remove_dir_all(t);
-        }
-    }
-}
-
 impl NpyOut {
     fn create(
         out: &Path,
         force: bool,
+        inputs: &[(&str, &Path)],
         tokens: usize,
         hidden: usize,
         dtype: FeatureDtype,
     ) -> Result<Self> {
-        if out.exists() && !force {
-            bail!(
-                "--out {}: already exists (use --force to replace it)",
-                out.display()
-            );
-        }
-        let name = out
-            .file_name()
-            .and_then(|n| n.to_str())
-            .with_context(|| format!("--out {}: needs a folder name", out.display()))?;
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("{}: cannot create", parent.display()))?;
-        let tmp = parent.join(format!(".{name}.npy-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut target = DirOutput::check(out, OutputKind::NpyFeatures, force, inputs)?;
+        target.begin()?;
         Ok(Self {
-            out: out.to_path_buf(),
-            tmp: Some(tmp),
+            target,
             tokens,
             hidden,
             dtype,
@@ -329,9 +306,7 @@ impl NpyOut {
     }
 
     fn tmp(&self) -> &Path {
-        self.tmp
-            .as_deref()
-            .expect("the temporary folder lives until finish")
+        self.target.staging()
     }
 
     fn open_traj(&self, traj: usize, frames: usize) -> Result<NpyTraj> {
@@ -434,27 +409,19 @@ impl NpyOut {
 
     fn finish(mut self) -> Result<()> {
         self.close_current()?;
-        let tmp = self
-            .tmp
-            .take()
-            .expect("the temporary folder lives until finish");
-        if self.out.exists() {
-            std::fs::remove_dir_all(&self.out)
-                .or_else(|_| std::fs::remove_file(&self.out))
-                .with_context(|| format!("--out {}: cannot replace", self.out.display()))?;
-        }
-        let r = std::fs::rename(&tmp, &self.out)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), self.out.display()));
-        if r.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        r
+        // Swapped in whole; an old output (with --force) stays until the new one is in.
+        self.target.commit()
     }
 }
 
 /// Runs `hiermd featurize`.
 pub fn featurize(args: &FeaturizeArgs, device: &Device) -> Result<()> {
     let start = Instant::now();
+    // What featurize reads, which --out may not overlap (issue 16): checked before any work.
+    let mut reads: Vec<(&str, &Path)> = vec![("dataset", &args.data)];
+    reads.extend(args.model.as_deref().map(|m| ("model", m)));
+    reads.extend(args.config.as_deref().map(|c| ("configuration", c)));
+    crate::output::refuse_overlap(&args.out, &reads)?;
     let ds = open_dataset(&args.data)?;
     let (model, ps, what) = model_from_args(
         args.model.as_deref(),
@@ -501,7 +468,7 @@ pub fn featurize(args: &FeaturizeArgs, device: &Device) -> Result<()> {
             w.finish()?;
         }
         FeatureFormat::Npy => {
-            let mut out = NpyOut::create(&args.out, args.force, r, h, args.dtype)?;
+            let mut out = NpyOut::create(&args.out, args.force, &reads, r, h, args.dtype)?;
             run_frames(&model, ps, &inputs, &ds, batch, |b| {
                 out.append(&ds, &b)?;
                 done += b.s.len() / (r * h);
@@ -551,31 +518,31 @@ pub struct PretrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Epochs in all (a resumed run continues up to this many).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
     pub epochs: u64,
     /// Frames per step [default: 8].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub batch: Option<usize>,
     /// Learning rate of AdamW [default: 5e-4].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Decoupled weight decay of AdamW [default: 1e-2].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// Standard deviation of the Gaussian coordinate noise in Angstrom [default: 0.2].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sigma: Option<f64>,
     /// Clip the global gradient norm to this value [default: no clipping].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub clip_norm: Option<f64>,
     /// Seed of the data order and the noise (and of a fresh model's initialisation) [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Fraction of each trajectory, at its end, held out for validation [default: 0.2].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub val_fraction: Option<f64>,
     /// Checkpoints to keep.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub keep: usize,
     /// Continue from the latest checkpoint in --out (the run's settings are kept).
     #[arg(long)]
@@ -768,6 +735,11 @@ fn truncate_metrics(path: &Path, epoch: u64) -> Result<()> {
 
 /// Runs `hiermd pretrain`.
 pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
+    // What pretrain reads, which --out may not overlap (issue 16).
+    let mut reads: Vec<(&str, &Path)> = vec![("dataset", &args.data)];
+    reads.extend(args.model.as_deref().map(|m| ("model", m)));
+    reads.extend(args.config.as_deref().map(|c| ("configuration", c)));
+    crate::output::refuse_overlap(&args.out, &reads)?;
     let ds = open_dataset(&args.data)?;
     let ckpts = Checkpoints::new(&args.out, args.keep);
     let latest = ckpts.latest()?;
@@ -801,6 +773,12 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
         }
         _ => None,
     };
+    if resumed.is_none() {
+        // A new run writes into --out over time (resumable), so --out must be new, empty, or a
+        // pretraining run of its own holding nothing else (issue 16).
+        crate::output::check_in_place(&args.out, OutputKind::PretrainRun, &reads)
+            .with_context(|| format!("--out {}", args.out.display()))?;
+    }
     let settings = match &resumed {
         Some((_, _, _, s)) => s.clone(),
         None => PretrainSettings::from_args(args),

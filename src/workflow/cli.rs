@@ -8,7 +8,8 @@ use crate::{Device, DeviceSpec};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
-/// `hiermd train`.
+/// `hiermd train`. Numeric flags take negative numbers as values (`--lr -1`), so that the
+/// configuration's checks reject them by name instead of the parser taking them for flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
     /// The run folder to create (or to continue with --resume).
@@ -27,31 +28,31 @@ pub struct TrainArgs {
     #[arg(long)]
     pub atom_model: Option<PathBuf>,
     /// data.lag in frames.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lag: Option<usize>,
     /// data.lag_ps in picoseconds.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lag_ps: Option<f64>,
     /// objective.kind: vamp or spib.
     #[arg(long)]
     pub objective: Option<String>,
     /// objective.outputs: VAMP states or SPIB encoder features.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub outputs: Option<usize>,
     /// objective.init_labels_from: the VAMP run SPIB starts from.
     #[arg(long)]
     pub init_labels_from: Option<PathBuf>,
     /// train.epochs.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub epochs: Option<u64>,
     /// train.batch (pairs).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub batch: Option<usize>,
     /// train.seed.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// optimizer.lr.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Any field: `--set model.hidden=64 --set objective.vamp.score='"vamp1"'`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -59,7 +60,8 @@ pub struct TrainArgs {
     /// Continue the run from its latest checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// Replace an existing run folder.
+    /// Replace an existing run folder (only a hiermd training run, and only once the new run
+    /// is complete).
     #[arg(long)]
     pub force: bool,
 }
@@ -136,6 +138,10 @@ pub fn train(args: &TrainArgs, spec: DeviceSpec) -> Result<()> {
             .with_context(|| format!("--resume: {} is not a run folder", args.run.display()))?;
         RunConfig::from_toml_with(&text, &[]).with_context(|| format!("in {}", path.display()))?
     } else {
+        if let Some(c) = &args.config {
+            // The configuration file is an input too (issue 16).
+            crate::output::refuse_overlap(&args.run, &[("configuration", c)])?;
+        }
         RunConfig::load(args.config.as_deref(), &args.overrides()?)?
     };
     let spec = match (&cfg.train.device, spec) {
@@ -173,16 +179,16 @@ pub struct AnalyzeArgs {
     pub run: PathBuf,
     /// Lag times in frames for the scans (comma-separated; default: a ladder around the
     /// training lag).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub lags: Vec<usize>,
     /// Output folder (default RUN/analysis).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Frames averaged in the attention maps.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     pub attention_frames: usize,
     /// Steps of the Chapman-Kolmogorov test.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
     pub ck_steps: usize,
     /// VAMP runs: states by k-means on the outputs instead of their argmax.
     #[arg(long)]
@@ -237,15 +243,19 @@ pub struct TransformArgs {
     /// The .npy file to write (a .json beside it gives columns and trajectory offsets).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace existing files at --out and its .json.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Runs `hiermd transform`.
 pub fn transform(args: &TransformArgs, device: &Device) -> Result<()> {
-    let r = super::transform::transform(
+    let r = super::transform::transform_with(
         &args.run,
         args.data.as_deref(),
         args.features.as_deref(),
         &args.out,
+        args.force,
         device,
         true,
     )?;

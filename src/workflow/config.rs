@@ -220,6 +220,60 @@ impl Default for TrainSection {
     }
 }
 
+/// Most outputs of the network (`objective.outputs`, SPIB's `states`): the objectives keep
+/// outputs x outputs f64 matrices (4096 outputs: 128 MiB each); VAMP and SPIB use tens.
+pub const MAX_OUTPUTS: usize = 4096;
+
+/// Most frames in a batch (`train.batch`, `train.eval_batch`): 2^20, where even one token of 64
+/// channels per frame takes 1 GiB with its vectors.
+pub const MAX_BATCH: usize = 1 << 20;
+
+/// Widest layer a configuration may ask for (hidden channels, FFN and MLP widths, windows, basis
+/// functions, heads): 16384, where one square weight matrix is 1 GiB.
+pub const MAX_WIDTH: usize = 16384;
+
+/// Most transformer blocks or backbone layers.
+pub const MAX_LAYERS: usize = 1024;
+
+/// Most memory a model's parameters may take with their gradients and two optimiser moments
+/// (16 bytes per parameter): 64 GiB, beyond any one device.
+pub const MAX_MODEL_BYTES: u64 = 64 << 30;
+
+/// Bytes of an n x n f64 matrix.
+fn square_bytes(n: usize) -> u64 {
+    (n as u64).saturating_mul(n as u64).saturating_mul(8)
+}
+
+/// A byte count for messages: `80.0 GB`.
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Fails, naming `what`, when `params` parameters with their gradients and optimiser state
+/// exceed [`MAX_MODEL_BYTES`].
+fn check_params(what: &str, params: u64) -> Result<()> {
+    let bytes = params.saturating_mul(16);
+    ensure!(
+        bytes <= MAX_MODEL_BYTES,
+        "{what}: about {params} parameters, {} with their gradients and optimiser state; more \
+         than the {} a model may take",
+        human_bytes(bytes),
+        human_bytes(MAX_MODEL_BYTES)
+    );
+    Ok(())
+}
+
 /// A whole run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -279,10 +333,37 @@ pub fn set_toml_path(table: &mut toml::Table, path: &str, value: &str) -> Result
     Ok(())
 }
 
+/// Fields that exclude each other. Flags override the file (issue 16): an override of one
+/// (a named flag or `--set`) removes the others from the file's table, so `--lag-ps 20` over a
+/// file saying `lag = 20` means a lag of 20 ps. Two overrides that exclude each other stay an
+/// error, found by [`RunConfig::validate`].
+const EXCLUSIVE_FIELDS: &[&[&str]] = &[
+    &["data.lag", "data.lag_ps"],
+    &["data.features", "data.atom_model"],
+];
+
+/// Removes from `table` (the file) every field that an override's field excludes (see
+/// [`EXCLUSIVE_FIELDS`]), unless it is overridden itself.
+fn drop_excluded_by_overrides(table: &mut toml::Table, overrides: &[(String, String)]) {
+    let overridden = |k: &str| overrides.iter().any(|(o, _)| o.trim() == k);
+    for group in EXCLUSIVE_FIELDS {
+        if !group.iter().any(|k| overridden(k)) {
+            continue;
+        }
+        for k in group.iter().filter(|k| !overridden(k)) {
+            let (section, field) = k.split_once('.').expect("dotted field names");
+            if let Some(toml::Value::Table(t)) = table.get_mut(section) {
+                t.remove(field);
+            }
+        }
+    }
+}
+
 impl RunConfig {
     /// Parses TOML text with overrides applied first; unknown fields are errors naming them.
     pub fn from_toml_with(text: &str, overrides: &[(String, String)]) -> Result<Self> {
         let mut table: toml::Table = toml::from_str(text).context("run configuration")?;
+        drop_excluded_by_overrides(&mut table, overrides);
         for (k, v) in overrides {
             set_toml_path(&mut table, k, v)?;
         }
@@ -373,7 +454,146 @@ impl RunConfig {
             self.train.eval_batch >= 1,
             "train.eval_batch must be at least 1"
         );
+        self.check_sizes()?;
         Ok(())
+    }
+
+    /// Refuses sizes whose memory cannot exist, before anything is allocated: each error names
+    /// the field, its value, what it implies and the limit (see [`MAX_OUTPUTS`], [`MAX_BATCH`],
+    /// [`MAX_MODEL_BYTES`]). The limits are far above any model that trains on one machine.
+    pub fn check_sizes(&self) -> Result<()> {
+        let o = self.objective.outputs;
+        ensure!(
+            o <= MAX_OUTPUTS,
+            "objective.outputs = {o}: the objective's outputs x outputs matrices would take {} \
+             each (f64); at most {MAX_OUTPUTS} outputs",
+            human_bytes(square_bytes(o))
+        );
+        let spib = &self.objective.spib;
+        if self.objective.kind == ObjectiveKind::Spib {
+            ensure!(
+                spib.states <= MAX_OUTPUTS,
+                "objective.spib.states = {}: at most {MAX_OUTPUTS} states (the decoder's output \
+                 and the label statistics grow with them)",
+                spib.states
+            );
+            for (field, v) in [
+                ("objective.spib.z_dim", spib.z_dim),
+                ("objective.spib.decoder_hidden", spib.decoder_hidden),
+            ] {
+                ensure!(
+                    v <= MAX_WIDTH,
+                    "{field} = {v}: at most {MAX_WIDTH} (its weight matrices grow with its square)"
+                );
+            }
+        }
+        for (field, b) in [
+            ("train.batch", self.train.batch),
+            ("train.eval_batch", self.train.eval_batch),
+        ] {
+            ensure!(
+                b <= MAX_BATCH,
+                "{field} = {b}: a batch holds every frame's tokens at once (at least {} for one \
+                 token of 64 channels); at most {MAX_BATCH} frames",
+                human_bytes((b as u64).saturating_mul(64 * 16))
+            );
+        }
+        self.check_token_model_size()?;
+        self.check_atom_model_size()
+    }
+
+    /// The token model (`[model]`): its parameters with their gradients and optimiser state
+    /// within [`MAX_MODEL_BYTES`], every width within [`MAX_WIDTH`]. Fields it cannot read are
+    /// left to the model's own validation.
+    fn check_token_model_size(&self) -> Result<()> {
+        let d = crate::model::TokenModelConfig::default();
+        let get = |key: &str, default: usize| -> usize {
+            match self.model.get(key).and_then(toml::Value::as_integer) {
+                Some(v) if v >= 0 => v as usize,
+                _ => default,
+            }
+        };
+        let h = get("hidden", d.hidden);
+        let blocks = get("blocks", d.blocks);
+        let window = get("window", d.window);
+        let ffn = get("ffn_hidden", h);
+        let mlp = get("mlp_hidden", h);
+        let rbf = get("graph_rbf", d.graph_rbf);
+        let heads = get("heads", d.heads);
+        for (field, v) in [
+            ("model.hidden", h),
+            ("model.ffn_hidden", ffn),
+            ("model.mlp_hidden", mlp),
+            ("model.graph_rbf", rbf),
+            ("model.heads", heads),
+            ("model.window", window),
+        ] {
+            ensure!(
+                v <= MAX_WIDTH,
+                "{field} = {v}: at most {MAX_WIDTH} (the weights grow with it, most with its square)"
+            );
+        }
+        ensure!(
+            blocks <= MAX_LAYERS,
+            "model.blocks = {blocks}: at most {MAX_LAYERS} transformer blocks"
+        );
+        // Weights per block: attention (queries, keys, values, output on scalars and vectors,
+        // about 6 H^2) and the EqFFN (about 4 H F); the window merger (2 w H^2), the output MLP
+        // and the input projections. An estimate from above, not an exact count.
+        let (h, w, f, m) = (h as u64, window as u64, ffn as u64, mlp as u64);
+        let sq = h.saturating_mul(h);
+        let params = (blocks as u64)
+            .saturating_mul(sq.saturating_mul(6).saturating_add(h.saturating_mul(f) * 4))
+            .saturating_add(w.saturating_mul(sq).saturating_mul(2))
+            .saturating_add(h.saturating_mul(m))
+            .saturating_add(m.saturating_mul(self.objective.outputs as u64))
+            .saturating_add(sq.saturating_mul(4))
+            .saturating_add((rbf as u64).saturating_mul(h).saturating_mul(4));
+        check_params(
+            &format!(
+                "[model] (hidden = {h}, blocks = {blocks}, window = {w}, ffn_hidden = {f}, \
+                 mlp_hidden = {m})"
+            ),
+            params,
+        )
+    }
+
+    /// The atom stage (`[atom]`, end-to-end runs): its layers within [`MAX_LAYERS`] and its
+    /// parameters within [`MAX_MODEL_BYTES`] (its widths are bounded by the backbone itself).
+    fn check_atom_model_size(&self) -> Result<()> {
+        let Some(atom) = &self.atom else {
+            return Ok(());
+        };
+        let d = crate::nn::painn::BackboneConfig::default();
+        let backbone = atom.get("backbone").and_then(toml::Value::as_table);
+        let get = |key: &str, default: usize| -> usize {
+            match backbone
+                .and_then(|b| b.get(key))
+                .and_then(toml::Value::as_integer)
+            {
+                Some(v) if v >= 0 => v as usize,
+                _ => default,
+            }
+        };
+        let (h, layers, rbf) = (
+            get("hidden", d.hidden),
+            get("layers", d.layers),
+            get("rbf", d.rbf),
+        );
+        ensure!(
+            layers <= MAX_LAYERS,
+            "atom.backbone.layers = {layers}: at most {MAX_LAYERS} layers"
+        );
+        let (h, rbf) = (h as u64, rbf as u64);
+        // Per layer: message and update weights (about 6 H^2) and the radial filters (3 K H).
+        let per_layer = h
+            .saturating_mul(h)
+            .saturating_mul(6)
+            .saturating_add(rbf.saturating_mul(h).saturating_mul(3));
+        check_params(
+            &format!("[atom] (backbone hidden = {h}, layers = {layers}, rbf = {rbf})"),
+            (layers as u64).saturating_mul(per_layer),
+        )
     }
 
     /// The token model's configuration for `input_channels` coming in.

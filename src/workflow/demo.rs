@@ -43,10 +43,19 @@ pub struct DemoSummary {
     pub vamp_timescales_ps: Vec<f64>,
     /// Slowest implied timescale (ps) from the VAMPnet's singular values.
     pub vamp_singular_timescale_ps: f64,
+    /// How the VAMPnet's frames got their states ("argmax" or "kmeans", see `analyze`).
+    pub vamp_state_assignment: String,
+    /// The VAMPnet analysis' failed consistency checks (`WARNING: ...` lines; empty when all
+    /// passed).
+    pub vamp_warnings: Vec<String>,
     /// Slowest implied timescales (ps) of the MSM on SPIB's states.
     pub spib_timescales_ps: Vec<f64>,
     /// SPIB's states with frames.
     pub spib_states: usize,
+    /// Slowest implied timescale (ps) from the singular values of SPIB's latent z.
+    pub spib_singular_timescale_ps: f64,
+    /// The SPIB analysis' failed consistency checks.
+    pub spib_warnings: Vec<String>,
     /// Slowest implied timescales (ps) of the reference MSM on a 12 x 12 (phi, psi) grid.
     pub reference_timescales_ps: Vec<f64>,
     /// VAMPnet slowest timescale / reference slowest timescale.
@@ -135,16 +144,26 @@ pub fn run(args: &DemoArgs, device: &Device) -> Result<()> {
     println!();
     println!("hiermd demo: alanine dipeptide, lag {} ps", s.lag_ps);
     println!(
-        "  VAMPnet  validation VAMP-2 {:.4}; slowest implied timescales {} ps (MSM on its states), {:.1} ps (singular values)",
+        "  VAMPnet  validation VAMP-2 {:.4}; slowest implied timescales {} ps (MSM on its states, by {}) vs {:.1} ps (singular values){}",
         s.vamp_validation_vamp2,
         fmt_list(&s.vamp_timescales_ps),
-        s.vamp_singular_timescale_ps
+        s.vamp_state_assignment,
+        s.vamp_singular_timescale_ps,
+        if s.vamp_warnings.is_empty() { "; checks passed" } else { "" }
     );
+    for w in &s.vamp_warnings {
+        println!("    {w}");
+    }
     println!(
-        "  SPIB     {} states; slowest implied timescales {} ps",
+        "  SPIB     {} states; slowest implied timescales {} ps (MSM) vs {:.1} ps (singular values of z){}",
         s.spib_states,
-        fmt_list(&s.spib_timescales_ps)
+        fmt_list(&s.spib_timescales_ps),
+        s.spib_singular_timescale_ps,
+        if s.spib_warnings.is_empty() { "; checks passed" } else { "" }
     );
+    for w in &s.spib_warnings {
+        println!("    {w}");
+    }
     println!(
         "  reference MSM on a 12x12 (phi, psi) grid: {} ps; VAMPnet / reference = {:.3}",
         fmt_list(&s.reference_timescales_ps),
@@ -163,12 +182,18 @@ pub fn run(args: &DemoArgs, device: &Device) -> Result<()> {
 }
 
 fn fmt_list(x: &[f64]) -> String {
-    x.iter()
+    let s = x
+        .iter()
         .filter(|v| v.is_finite())
         .take(3)
         .map(|v| format!("{v:.1}"))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if s.is_empty() {
+        "n/a".into()
+    } else {
+        s
+    }
 }
 
 /// Runs the demo and returns its numbers.
@@ -326,6 +351,7 @@ seed = 7
             .categories(&labels)
             .category_names((0..k).map(|s| format!("S{s}")).collect())
             .save_svg(dir.join("analysis/ramachandran_states.svg"))?;
+        super::analyze::write_index(&dir.join("analysis"))?;
     }
     lap("analysis", &mut seconds);
 
@@ -342,9 +368,11 @@ seed = 7
         out: out.clone(),
         lag_ps,
         vamp_validation_vamp2: vi.map_or(f64::NAN, |i| va.validation_vamp2[i]),
-        vamp_singular_timescale_ps: vi
-            .and_then(|i| va.vamp_timescales[i].first().copied())
-            .map_or(f64::NAN, |t| t * dt),
+        vamp_singular_timescale_ps: va.singular_value_timescale,
+        vamp_state_assignment: va.state_assignment.clone(),
+        vamp_warnings: va.warnings.clone(),
+        spib_singular_timescale_ps: sa.singular_value_timescale,
+        spib_warnings: sa.warnings.clone(),
         vamp_over_reference: vamp_ts.first().copied().unwrap_or(f64::NAN)
             / reference.first().copied().unwrap_or(f64::NAN),
         vamp_timescales_ps: vamp_ts,

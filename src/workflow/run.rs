@@ -87,6 +87,8 @@ impl Run {
             dir.display(),
             files::MODEL
         );
+        // The model's recorded XXH3 first (issue 16): a damaged model is an error, not weights.
+        crate::store::verify::check_model_file(&model)?;
         let (net, mut ps) = Network::build(&config, device)?;
         ps.load(&model)?;
         let mut tape = Tape::new(ps, config.train.seed);

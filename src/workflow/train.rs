@@ -15,6 +15,7 @@ use crate::analysis::kmeans::KMeans;
 use crate::objectives::spib::SpibLabels;
 use crate::objectives::vamp::{vamp_loss, vamp_score};
 use crate::optim::Optimizer;
+use crate::output::{DirOutput, OutputKind};
 use crate::store::{LaggedPairs, PairIndex};
 use crate::tape::Tape;
 use crate::testing::{splitmix64, Rng};
@@ -128,6 +129,27 @@ fn resolve_paths(cfg: &mut RunConfig) -> Result<()> {
         cfg.objective.init_labels_from = Some(absolute(p).context("objective.init_labels_from")?);
     }
     Ok(())
+}
+
+/// What a run reads (its configuration's paths, resolved), which its folder may not overlap.
+fn run_inputs(cfg: &RunConfig) -> Vec<(&'static str, &Path)> {
+    let d = &cfg.data;
+    let mut v: Vec<(&'static str, &Path)> = vec![("data.dataset", &d.dataset)];
+    let optional = [
+        ("data.features", &d.features),
+        ("data.atom_model", &d.atom_model),
+        ("data.weights", &d.weights),
+        (
+            "objective.init_labels_from",
+            &cfg.objective.init_labels_from,
+        ),
+    ];
+    v.extend(
+        optional
+            .into_iter()
+            .filter_map(|(k, p)| Some((k, p.as_deref()?))),
+    );
+    v
 }
 
 /// Per-frame weights, `[trajectory][frame]`, from `data.weights`.
@@ -379,9 +401,13 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainSummary> {
     let started = Instant::now();
-    let config_path = run_dir.join(files::CONFIG);
     let mut cfg = cfg.clone();
+    // Where the run is written (issue 16): a new run in place (a killed one resumes there); a
+    // run replacing an old one (--force) in a temporary folder beside it, swapped in at the end,
+    // so that the old run stays whole until the new one is complete.
+    let mut replacement: Option<DirOutput> = None;
     if opts.resume {
+        let config_path = run_dir.join(files::CONFIG);
         let text = std::fs::read_to_string(&config_path).with_context(|| {
             format!(
                 "--resume: {} is not a run folder (no {})",
@@ -391,21 +417,22 @@ pub fn train(
         })?;
         cfg = RunConfig::from_toml_with(&text, &[])
             .with_context(|| format!("in {}", config_path.display()))?;
-    } else {
-        if run_dir.exists() && std::fs::read_dir(run_dir)?.next().is_some() {
-            ensure!(
-                opts.force,
-                "{} exists and is not empty: use --resume to continue it or --force to replace it",
-                run_dir.display()
-            );
-            std::fs::remove_dir_all(run_dir)
-                .with_context(|| format!("removing {}", run_dir.display()))?;
+        // Leftovers of killed processes: the run's files are written through temporaries.
+        for dir in [run_dir.to_path_buf(), run_dir.join("checkpoints")] {
+            crate::output::clean_stale(&dir);
         }
+    } else {
         resolve_paths(&mut cfg)?;
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
-        crate::optim::write_atomic(&config_path, cfg.to_toml()?.as_bytes())?;
+        // Never over an input; an existing folder only with --force, and only a run.
+        let target = DirOutput::check(run_dir, OutputKind::Run, opts.force, &run_inputs(&cfg))?;
+        if target.replaces() {
+            replacement = Some(target);
+        }
     }
+    let work_dir = match &replacement {
+        Some(r) => r.staging().to_path_buf(),
+        None => run_dir.to_path_buf(),
+    };
 
     let (net, ps) = Network::build(&cfg, device)?;
     let ds = net.ds.clone();
@@ -421,9 +448,9 @@ pub fn train(
     );
     let counts: Vec<usize> = ds.trajectories.iter().map(|t| t.frames()).collect();
     let weights = frame_weights(&cfg, &counts)?;
-    let checkpoints = Checkpoints::new(run_dir, cfg.train.keep_checkpoints);
-    let metrics_path = run_dir.join(files::METRICS);
-    let best_path = run_dir.join(files::BEST);
+    let checkpoints = Checkpoints::new(&work_dir, cfg.train.keep_checkpoints);
+    let metrics_path = work_dir.join(files::METRICS);
+    let best_path = work_dir.join(files::BEST);
 
     let mut tape = Tape::new(ps, cfg.train.seed);
     let mut opt = make_optimizer(&cfg, &mut tape)?;
@@ -480,6 +507,19 @@ pub fn train(
             tape.params().numel(),
             device.name()
         );
+    }
+
+    if !opts.resume {
+        // The run folder appears only now, with the configuration and the data checked
+        // (issue 16): a mistake found above leaves nothing to clean up.
+        match &mut replacement {
+            Some(r) => {
+                r.begin()?;
+            }
+            None => std::fs::create_dir_all(run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?,
+        }
+        crate::output::write_atomic(&work_dir.join(files::CONFIG), cfg.to_toml()?.as_bytes())?;
     }
 
     let mut steps_this_run = 0u64;
@@ -588,7 +628,9 @@ pub fn train(
             state.best_score = Some(watched);
             state.best_epoch = epoch;
             state.bad_epochs = 0;
-            tape.params().save(
+            // Sealed: the file records its own XXH3 (issue 16).
+            crate::store::verify::save_params_sealed(
+                tape.params(),
                 &best_path,
                 &std::collections::HashMap::from([("epoch".to_string(), epoch.to_string())]),
             )?;
@@ -658,6 +700,8 @@ pub fn train(
 
     // The best weights become the model.
     if best_path.exists() {
+        // A damaged best.safetensors must not become the model (issue 16).
+        crate::store::verify::check_model_file(&best_path)?;
         tape.params_mut().load(&best_path)?;
     }
     // One metadata entry: safetensors writes a map's entries in hash order, so two keys would
@@ -666,9 +710,9 @@ pub fn train(
         "hiermd.run".to_string(),
         serde_json::json!({"config": cfg.to_toml()?, "best_epoch": state.best_epoch}).to_string(),
     )]);
-    tape.params().save(run_dir.join(files::MODEL), &meta)?;
+    crate::store::verify::save_params_sealed(tape.params(), &work_dir.join(files::MODEL), &meta)?;
     if let Some(st) = &state.spib {
-        crate::optim::write_atomic(&run_dir.join(files::SPIB_STATE), &serde_json::to_vec(st)?)?;
+        crate::optim::write_atomic(&work_dir.join(files::SPIB_STATE), &serde_json::to_vec(st)?)?;
     }
     let summary = TrainSummary {
         run: run_dir.to_path_buf(),
@@ -682,8 +726,12 @@ pub fn train(
         seconds: started.elapsed().as_secs_f64(),
     };
     crate::optim::write_atomic(
-        &run_dir.join(files::SUMMARY),
+        &work_dir.join(files::SUMMARY),
         &serde_json::to_vec_pretty(&summary)?,
     )?;
+    if let Some(r) = replacement {
+        // Complete: the new run takes the old one's place (issue 16).
+        r.commit()?;
+    }
     Ok(summary)
 }

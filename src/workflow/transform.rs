@@ -2,9 +2,9 @@
 //! like deeptime's `model.transform`, so any score can be re-checked from Python.
 
 use super::config::ObjectiveKind;
-use super::run::Run;
+use super::run::{files, Run};
 use crate::Device;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -22,7 +22,8 @@ pub struct TransformReport {
 }
 
 /// Applies the run in `run_dir` to every frame of the dataset `data` (default: the run's own)
-/// and writes the rows to `out` plus `out` with `.json` (columns and trajectory offsets).
+/// and writes the rows to `out` plus `out` with `.json` (columns and trajectory offsets); neither
+/// may exist (see [`transform_with`]).
 pub fn transform(
     run_dir: &Path,
     data: Option<&Path>,
@@ -31,7 +32,41 @@ pub fn transform(
     device: &Device,
     progress: bool,
 ) -> Result<TransformReport> {
+    transform_with(run_dir, data, features, out, false, device, progress)
+}
+
+/// [`transform`], replacing existing output files when `force`. Both files are written
+/// atomically, and never over the run's own files, the dataset or the features (issue 16).
+pub fn transform_with(
+    run_dir: &Path,
+    data: Option<&Path>,
+    features: Option<&Path>,
+    out: &Path,
+    force: bool,
+    device: &Device,
+    progress: bool,
+) -> Result<TransformReport> {
+    let json = out.with_extension("json");
+    ensure!(
+        json != out,
+        "--out {}: the columns go to a .json beside the .npy; give the .npy file name",
+        out.display()
+    );
     let mut run = Run::open_on(run_dir, device, data, features)?;
+    // Checked before the (long) prediction: what the run reads is an input.
+    let model = run_dir.join(files::MODEL);
+    let config = run_dir.join(files::CONFIG);
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("model", &model),
+        ("run configuration", &config),
+        ("dataset", &run.config.data.dataset),
+    ];
+    if let Some(f) = &run.config.data.features {
+        inputs.push(("feature store", f));
+    }
+    for o in [out, &json] {
+        crate::output::check_file_output(o, force, &inputs)?;
+    }
     let rows = run.predict_all(progress)?;
     let w = run.prediction_width();
     let columns: Vec<String> = match run.net.objective {
@@ -65,9 +100,6 @@ pub fn transform(
             .map(|t| t.source.path.clone())
             .collect(),
     };
-    crate::optim::write_atomic(
-        &out.with_extension("json"),
-        &serde_json::to_vec_pretty(&report)?,
-    )?;
+    crate::output::write_atomic(&json, &serde_json::to_vec_pretty(&report)?)?;
     Ok(report)
 }
