@@ -95,6 +95,9 @@ enum Command {
         /// Time between frames in ps (for formats without times, or to override them).
         #[arg(long)]
         dt: Option<f64>,
+        /// Keep only the first N frames of each trajectory.
+        #[arg(long)]
+        max_frames: Option<usize>,
         /// Replace an existing dataset.
         #[arg(long)]
         force: bool,
@@ -205,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
             select,
             token_map,
             dt,
+            max_frames,
             force,
         } => {
             let opts = ImportOptions {
@@ -214,6 +218,7 @@ fn run(cli: Cli) -> Result<()> {
                 selection: select,
                 token_map,
                 time_step_ps: dt,
+                max_frames,
                 force,
                 progress: true,
             };

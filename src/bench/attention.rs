@@ -4,7 +4,11 @@
 //! stored: quadratic). Values are 4 d_h wide per head, as in the model.
 
 use super::{measure, provenance};
-use crate::ops::eqsdpa::{eqsdpa_backward, eqsdpa_forward, EqsdpaBackwardMode};
+use crate::ops::eqsdpa::{
+    eqsdpa_backward, eqsdpa_backward_half, eqsdpa_forward, eqsdpa_forward_half,
+    EqsdpaBackwardMode,
+};
+use crate::ops::gemm::HalfFloat;
 use crate::ops::gemm::{gemm_batched, Batch};
 use crate::ops::softmax::{softmax_backward, softmax_forward};
 use crate::testing::Rng;
@@ -33,6 +37,10 @@ pub struct AttentionArgs {
     /// Forward and backward (else the forward only).
     #[arg(long)]
     pub backward: bool,
+    /// Type of q, k and values in the fused kernel: f32, bf16 or f16 (tensor cores; d_h 16, 32
+    /// or 64). Outputs, log-sum-exp and gradients stay f32.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -52,6 +60,22 @@ pub fn attention(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value> {
         a.tokens > 0 && a.batch > 0 && a.heads > 0,
         "bench attention: empty shape"
     );
+    match a.dtype.as_str() {
+        "f32" => {}
+        "bf16" | "f16" => {
+            ensure!(
+                fused,
+                "--dtype {}: only the fused kernel takes half-precision inputs",
+                a.dtype
+            );
+            return if a.dtype == "bf16" {
+                attention_half::<half::bf16>(a, dev)
+            } else {
+                attention_half::<half::f16>(a, dev)
+            };
+        }
+        o => anyhow::bail!("--dtype: {o:?} is not f32, bf16 or f16"),
+    }
     let (t, bh, dh, dv) = (a.tokens, a.batch * a.heads, a.dh, 4 * a.dh);
     let scale = 1.0 / (dh as f32).sqrt();
     let mut rng = Rng::new(23);
@@ -170,8 +194,80 @@ pub fn attention(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value> {
         }
         Ok(())
     })?;
+    Ok(row(a, dev, &m))
+}
+
+/// The fused kernel on bf16 or f16 inputs (the tensor-core path).
+fn attention_half<T: HalfFloat>(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value>
+where
+    T: From<HalfOf>,
+{
+    let (t, bh, dh, dv) = (a.tokens, a.batch * a.heads, a.dh, 4 * a.dh);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut rng = Rng::new(23);
+    let mut input = |shape: &[usize]| -> Result<Tensor<T>> {
+        let v: Vec<T> = rng
+            .normal_vec(shape.iter().product(), 1.0)
+            .into_iter()
+            .map(|x| T::from(HalfOf(x)))
+            .collect();
+        Tensor::from_slice(dev, shape, &v)
+    };
+    let q = input(&[bh, t, dh])?;
+    let k = input(&[bh, t, dh])?;
+    let v = input(&[bh, t, dv])?;
+    let dout = Tensor::from_slice(dev, &[bh, t, dv], &rng.normal_vec(bh * t * dv, 1.0))?;
+    let m = measure(dev, a.warmup, a.repeats, || {
+        let mut out = Tensor::zeros(dev, &[bh, t, dv])?;
+        let mut lse = Tensor::zeros(dev, &[bh, t])?;
+        eqsdpa_forward_half(&q, &k, &v, None, a.heads, scale, &mut out, &mut lse)?;
+        if a.backward {
+            let mut dq = Tensor::zeros(dev, &[bh, t, dh])?;
+            let mut dk = Tensor::zeros(dev, &[bh, t, dh])?;
+            let mut dvv = Tensor::zeros(dev, &[bh, t, dv])?;
+            eqsdpa_backward_half(
+                &q,
+                &k,
+                &v,
+                &out,
+                &lse,
+                &dout,
+                None,
+                a.heads,
+                scale,
+                &mut dq,
+                &mut dk,
+                &mut dvv,
+                EqsdpaBackwardMode::Deterministic,
+            )?;
+        }
+        Ok(())
+    })?;
+    Ok(row(a, dev, &m))
+}
+
+/// An f32 on its way to a half type (rounded to nearest).
+struct HalfOf(f32);
+
+impl From<HalfOf> for half::bf16 {
+    fn from(x: HalfOf) -> Self {
+        half::bf16::from_f32(x.0)
+    }
+}
+
+impl From<HalfOf> for half::f16 {
+    fn from(x: HalfOf) -> Self {
+        half::f16::from_f32(x.0)
+    }
+}
+
+/// The JSON row of a measured configuration.
+fn row(a: &AttentionArgs, dev: &Device, m: &super::Measured) -> serde_json::Value {
+    let t = a.tokens;
+    let dh = a.dh;
     let mut row = provenance(dev);
     row.insert("what".into(), json!("attention"));
+    row.insert("dtype".into(), json!(a.dtype));
     row.insert("attention".into(), json!(a.attention));
     row.insert("tokens".into(), json!(t));
     row.insert("batch".into(), json!(a.batch));
@@ -180,7 +276,7 @@ pub fn attention(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value> {
     row.insert("backward".into(), json!(a.backward));
     row.insert("samples_per_s".into(), json!(a.batch as f64 / m.median()));
     row.extend(m.json());
-    Ok(serde_json::Value::Object(row))
+    serde_json::Value::Object(row)
 }
 
 /// `hiermd bench attention`.

@@ -56,12 +56,13 @@ fn row(name: impl Into<String>, mut json: Value, rate: f64, unit: &'static str) 
 /// `hiermd bench kernels`.
 pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
     let reps = if a.quick { 1 } else { a.repeats };
-    let residues = if a.quick { 40 } else { 214 };
+    // --quick is a smoke run (it must finish in seconds on emu), not a measurement.
+    let residues = if a.quick { 12 } else { 214 };
     let mut rows = Vec::new();
     let mut rng = Rng::new(2);
 
     // Dense GEMM, the work horse of every Linear.
-    let n = if a.quick { 256 } else { 1024 };
+    let n = if a.quick { 96 } else { 1024 };
     let x = Tensor::from_slice(dev, &[n, n], &rng.normal_vec(n * n, 1.0))?;
     let mut c = Tensor::zeros(dev, &[n, n])?;
     let m = measure(dev, 1, reps, || {
@@ -91,7 +92,7 @@ pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
 
     // Neighbor list of 8 frames of the generated ADK-sized structure.
     let sys = ProteinLike::new(residues, 9);
-    let frames = 8;
+    let frames = if a.quick { 2 } else { 8 };
     let pos = ProteinLike::frames(&sys.atoms, frames, 0.3, &mut rng);
     let t = Tensor::from_slice(dev, &[frames, sys.atom_count(), 3], &pos)?;
     let mut edges = 0;
@@ -121,10 +122,10 @@ pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
     ] {
         let args = AtomArgs {
             residues,
-            frames: 4,
+            frames: if a.quick { 1 } else { 4 },
             kind: kind.into(),
-            hidden: 64,
-            layers: 3,
+            hidden: if a.quick { 32 } else { 64 },
+            layers: if a.quick { 1 } else { 3 },
             heads: 8,
             backward,
             warmup: 1,
@@ -135,7 +136,9 @@ pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
         let rate = j["frames_per_s"].as_f64().unwrap_or(f64::NAN);
         rows.push(row(
             format!(
-                "atom stage {kind} H 64 x 3, {} atoms, {}",
+                "atom stage {kind} H {} x {}, {} atoms, {}",
+                args.hidden,
+                args.layers,
                 j["atoms"],
                 if backward { "fwd+bwd" } else { "fwd" }
             ),
@@ -146,7 +149,7 @@ pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
     }
 
     // Equivariant attention, fused and materialised, forward and forward + backward.
-    let tokens = if a.quick { 256 } else { 1024 };
+    let tokens = if a.quick { 64 } else { 1024 };
     for (kind, backward) in [
         ("fused", false),
         ("fused", true),
@@ -160,6 +163,7 @@ pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
             dh: 16,
             attention: kind.into(),
             backward,
+            dtype: "f32".into(),
             warmup: 1,
             repeats: reps,
         };
@@ -177,7 +181,7 @@ pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
     }
 
     // Row softmax (the materialised attention's middle op).
-    let (rows_n, cols) = (4096, 1024);
+    let (rows_n, cols) = if a.quick { (64, 128) } else { (4096, 1024) };
     let s = Tensor::from_slice(dev, &[rows_n, cols], &rng.normal_vec(rows_n * cols, 1.0))?;
     let mut p = Tensor::zeros(dev, &[rows_n, cols])?;
     let m = measure(dev, 1, reps, || {
@@ -216,8 +220,8 @@ pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
             window: w,
             hidden: 64,
             heads: 8,
-            blocks: 4,
-            batch: if a.quick { 4 } else { 32 },
+            blocks: if a.quick { 1 } else { 4 },
+            batch: if a.quick { 2 } else { 32 },
             graph_conv: None,
             attention: "fused".into(),
             output: 4,
@@ -229,7 +233,8 @@ pub fn run(a: &KernelsArgs, dev: &Device) -> Result<()> {
         let rate = j["pairs_per_s"].as_f64().unwrap_or(f64::NAN);
         rows.push(row(
             format!(
-                "token model VAMP step, {residues} residues, w {w}, H 64, 4 blocks, 8 heads, {} pairs",
+                "token model VAMP step, {residues} residues, w {w}, H 64, {} blocks, 8 heads, {} pairs",
+                args.blocks,
                 args.batch
             ),
             j,

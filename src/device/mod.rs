@@ -3,7 +3,7 @@
 mod cuda;
 mod emu;
 
-pub use cuda::{cuda_devices, CudaDevice, CudaInfo};
+pub use cuda::{cuda_devices, module_load_error, CudaDevice, CudaInfo};
 pub use emu::Emu;
 
 use anyhow::{bail, Context, Result};

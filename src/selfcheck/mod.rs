@@ -648,31 +648,8 @@ pub fn run(opts: &Options) -> Result<Report> {
 }
 
 fn print_summary(r: &Report) {
-    println!("| family | checks | failed | worst err/tol | kernels | seconds |");
-    println!("|---|--:|--:|--:|--:|--:|");
-    for f in &r.families {
-        let worst = f
-            .checks
-            .iter()
-            .map(|c| c.worst_ratio)
-            .fold(0.0f64, |a, b| if b.is_nan() { f64::NAN } else { a.max(b) });
-        println!(
-            "| {}{} | {} | {} | {:.3} | {} | {:.1} |",
-            f.family,
-            if f.error.is_some() { " (stopped)" } else { "" },
-            f.checks.len(),
-            f.checks.iter().filter(|c| !c.ok).count(),
-            worst,
-            f.kernels.len(),
-            f.seconds
-        );
-    }
-    let checks: usize = r.families.iter().map(|f| f.checks.len()).sum();
-    let failed: usize = r
-        .families
-        .iter()
-        .map(|f| f.checks.iter().filter(|c| !c.ok).count() + f.error.is_some() as usize)
-        .sum();
+    // Kernels first: the table and the verdict are the last lines, where a reader of a log's
+    // tail looks.
     if r.kernels_not_applicable {
         println!("kernels: none on cpu (the f32 CPU path was checked against the f64 twins)");
     } else {
@@ -683,10 +660,49 @@ fn print_summary(r: &Report) {
             ran.len(),
             r.kernels_total
         );
+        let mut by_module: Vec<(&str, Vec<&str>)> = Vec::new();
         for k in &r.kernels_missing {
-            println!("  not launched by any check: {k}");
+            let (m, name) = k.split_once('/').unwrap_or(("?", k));
+            match by_module.last_mut() {
+                Some((lm, v)) if *lm == m => v.push(name),
+                _ => by_module.push((m, vec![name])),
+            }
+        }
+        for (m, names) in by_module {
+            println!("  not launched by any check in {m}: {}", names.join(", "));
         }
     }
+    println!("| family | checks | failed | closest to its tolerance | max err | tol | kernels | s |");
+    println!("|---|--:|--:|---|--:|--:|--:|--:|");
+    for f in &r.families {
+        // The check whose error came nearest its bound (or the first failure).
+        let worst = f.checks.iter().fold(None::<&Outcome>, |w, c| match w {
+            Some(w) if !(c.worst_ratio > w.worst_ratio || c.worst_ratio.is_nan()) => Some(w),
+            _ => Some(c),
+        });
+        let (name, err, tol) = match worst {
+            Some(c) => (c.name.as_str(), c.max_err, c.tol),
+            None => ("-", f64::NAN, f64::NAN),
+        };
+        println!(
+            "| {}{} | {} | {} | {} | {:.2e} | {:.2e} | {} | {:.1} |",
+            f.family,
+            if f.error.is_some() { " (stopped)" } else { "" },
+            f.checks.len(),
+            f.checks.iter().filter(|c| !c.ok).count(),
+            name,
+            err,
+            tol,
+            f.kernels.len(),
+            f.seconds
+        );
+    }
+    let checks: usize = r.families.iter().map(|f| f.checks.len()).sum();
+    let failed: usize = r
+        .families
+        .iter()
+        .map(|f| f.checks.iter().filter(|c| !c.ok).count() + f.error.is_some() as usize)
+        .sum();
     println!(
         "selfcheck on {}: {} checks, {} failed, {:.1} s: {}",
         r.device,
