@@ -96,6 +96,9 @@ enum Command {
         // Negative numbers reach the validation, which names the flag (`--dt -1`).
         #[arg(long, allow_negative_numbers = true)]
         dt: Option<f64>,
+        /// Keep only the first N frames of each trajectory.
+        #[arg(long)]
+        max_frames: Option<usize>,
         /// Replace an existing dataset (only a hiermd dataset, never another folder).
         #[arg(long)]
         force: bool,
@@ -216,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
             select,
             token_map,
             dt,
+            max_frames,
             force,
         } => {
             let opts = ImportOptions {
@@ -225,6 +229,7 @@ fn run(cli: Cli) -> Result<()> {
                 selection: select,
                 token_map,
                 time_step_ps: dt,
+                max_frames,
                 force,
                 progress: true,
             };

@@ -345,6 +345,20 @@ pub fn assert_close(
     })
 }
 
+/// A central difference `(f(h) - f(-h)) / 2h` (of a loss along a direction, say) and an estimate
+/// of its own error: `4 |fd(h) - fd(2h)|`. Truncation error grows as h^2 and rounding error (an
+/// f32 loss summed over many terms, divided by 2h) as 1/h, so the two estimates differ by about
+/// the larger of their errors. A test then allows `tol * scale + error`: a wrong derivative is
+/// off by far more, a right one is no longer failed by the difference's own noise.
+pub fn central_difference(
+    mut f: impl FnMut(f64) -> Result<f64>,
+    h: f64,
+) -> Result<(f64, f64)> {
+    let fd = (f(h)? - f(-h)?) / (2.0 * h);
+    let fd2 = (f(2.0 * h)? - f(-2.0 * h)?) / (4.0 * h);
+    Ok((fd, 4.0 * (fd - fd2).abs()))
+}
+
 /// Central-difference check of an analytic gradient of a scalar function, in f64.
 ///
 /// A coordinate passes when `|fd - analytic| <= tol * max(1, |fd|) + noise`, where `noise` is the

@@ -39,6 +39,7 @@ fn alanine_demo_imports_and_its_phi_transitions_match_the_recipe() {
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: None,
+        max_frames: None,
         force: false,
         progress: false,
     })

@@ -379,6 +379,7 @@ fn make_data(dir: &Path) -> (PathBuf, PathBuf) {
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: Some(1.0),
+        max_frames: None,
         force: false,
         progress: false,
     })

@@ -127,6 +127,7 @@ fn dataset(dir: &Path, name: &str, frames: &[usize], seed: u64) -> Dataset {
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: None,
+        max_frames: None,
         force: false,
         progress: false,
     })

@@ -147,6 +147,7 @@ fn make_dataset(dir: &Path, frames: &[usize], seed: u64) -> (PathBuf, Vec<Vec<u3
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: Some(1.0),
+        max_frames: None,
         force: false,
         progress: false,
     })

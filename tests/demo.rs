@@ -17,6 +17,7 @@ fn demo_vampnet_matches_the_dihedral_msm_and_writes_its_plots() {
             out: out.clone(),
             data: None,
             quick: false,
+            frames: None,
         },
         &Device::Cpu,
     )

@@ -27,6 +27,7 @@ fn opts(top: &Path, traj: &[PathBuf], out: &Path) -> ImportOptions {
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: None,
+        max_frames: None,
         force: false,
         progress: false,
     }

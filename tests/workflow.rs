@@ -106,6 +106,7 @@ fn make_data(dir: &Path, frames: &[usize], seed: u64) -> (PathBuf, PathBuf, Vec<
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: Some(1.0),
+        max_frames: None,
         force: false,
         progress: false,
     })

@@ -28,6 +28,8 @@ pub struct ImportOptions {
     pub token_map: Option<PathBuf>,
     /// Time between frames in ps, for formats without times (or to override them).
     pub time_step_ps: Option<f64>,
+    /// Keep only the first N frames of each trajectory (all when None).
+    pub max_frames: Option<usize>,
     /// Replace an existing dataset at `out`.
     pub force: bool,
     /// Print progress on stderr.
@@ -326,7 +328,7 @@ fn import_trajectory(
     let abort_after: Option<usize> = std::env::var("HIERMD_FAULT_ABORT_AFTER_FRAMES")
         .ok()
         .and_then(|v| v.parse().ok());
-    while reader.read_frame(&mut frame)? {
+    while opts.max_frames.is_none_or(|m| n < m) && reader.read_frame(&mut frame)? {
         if abort_after == Some(n) {
             w.flush()?;
             std::process::abort();

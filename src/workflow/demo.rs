@@ -28,6 +28,9 @@ pub struct DemoArgs {
     /// A much shorter run (a few epochs on a subsample), for tests.
     #[arg(long)]
     pub quick: bool,
+    /// Use only the first N frames of each trajectory (the GPU kit's dry run on emu).
+    #[arg(long)]
+    pub frames: Option<usize>,
 }
 
 /// What the demo measured (`demo.json`).
@@ -232,6 +235,7 @@ pub fn run_demo(args: &DemoArgs, device: &Device) -> Result<DemoSummary> {
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: None,
+        max_frames: args.frames,
         force: true,
         progress: true,
     })?;

@@ -80,6 +80,7 @@ pub fn make_data(dir: &Path, frames: &[usize], seed: u64) -> PathBuf {
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: Some(1.0),
+        max_frames: None,
         force: false,
         progress: false,
     })
