@@ -3568,13 +3568,14 @@ pub fn svg_to_rgb(svg: &str, scale: f64) -> Result<(usize, usize, Vec<u8>)> {
                 let row = (y * ss + sy) * cv.w;
                 for sx in 0..ss {
                     let p = 3 * (row + x * ss + sx);
-                    for c in 0..3 {
-                        acc[c] += cv.rgb[p + c] as u32;
+                    for (a, v) in acc.iter_mut().zip(&cv.rgb[p..p + 3]) {
+                        *a += *v as u32;
                     }
                 }
             }
-            for c in 0..3 {
-                out[3 * (y * ow + x) + c] = ((acc[c] + n / 2) / n) as u8;
+            let o = 3 * (y * ow + x);
+            for (dst, a) in out[o..o + 3].iter_mut().zip(acc) {
+                *dst = ((a + n / 2) / n) as u8;
             }
         }
     }

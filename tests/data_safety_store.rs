@@ -234,6 +234,11 @@ fn verify_passes_intact_datasets_and_old_ones_without_checksums() {
     assert!(out.contains("atoms.tsv: XXH3"), "{out}");
     assert!(out.contains("coordinates finite"), "{out}");
     assert!(out.contains("intact"), "{out}");
+    // Something that is none of hiermd's: a clear error.
+    fails(
+        hiermd(&[OsStr::new("verify"), dir.as_os_str()]),
+        &["not a hiermd dataset, feature store, run folder or model file"],
+    );
 
     // A dataset written before checksums: opens, and verify says what it could not check.
     let old = dir.join("old");
@@ -292,6 +297,7 @@ fn flipped_bits_in_a_payload_are_found_by_verify_featurize_and_export() {
         ]),
         &["traj-0000.hmdt", &at],
     );
+    assert!(!xyz.exists(), "a failed export left a file");
     let feats = dir.join("feats");
     fails(
         hiermd(&[
@@ -346,6 +352,7 @@ fn nan_and_1e30_in_a_payload_are_errors_naming_file_frame_and_atom() {
             ]),
             &["traj-0001.hmdt", at, what],
         );
+        assert!(!npy.exists(), "a failed export left a file");
         let feats = dir.join("feats");
         fails(
             hiermd(&[
@@ -521,6 +528,65 @@ fn token_index_out_of_range_is_refused_on_open() {
     );
     let e = format!("{:#}", Dataset::open(&bad).err().expect("refused"));
     assert!(e.contains("token 99"), "{e}");
+
+    // A residue index out of range, likewise.
+    let res = dir.join("res");
+    copy_dir(&data, &res);
+    let table = res.join("atoms.tsv");
+    let text = std::fs::read_to_string(&table).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut f: Vec<&str> = lines[2].split('\t').collect();
+    f[4] = "7";
+    lines[2] = f.join("\t");
+    std::fs::write(&table, lines.join("\n") + "\n").unwrap();
+    fails(
+        hiermd(&[OsStr::new("info"), res.as_os_str()]),
+        &["atoms.tsv", "line 3", "residue index 7", "4 residues"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn corrupt_headers_and_times_are_named() {
+    let dir = tmpdir("header");
+    let (data, _) = make_dataset(&dir, &[20], 10);
+    // Frame count overflowing the size computation: refused as corrupt, not wrapped around.
+    let over = dir.join("over");
+    copy_dir(&data, &over);
+    let file = over.join("traj-0000.hmdt");
+    let mut b = std::fs::read(&file).unwrap();
+    b[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&file, b).unwrap();
+    fails(
+        hiermd(&[OsStr::new("info"), over.as_os_str()]),
+        &[
+            "traj-0000.hmdt",
+            "header claims 18446744073709551615 frames",
+            "corrupt",
+        ],
+    );
+    // A flipped bit in the header's unused bytes: harmless to readers, but verify reports the
+    // damage (the disk is flipping bits).
+    let pad = dir.join("pad");
+    copy_dir(&data, &pad);
+    flip_bit(&pad.join("traj-0000.hmdt"), 1000, 4);
+    ok(hiermd(&[OsStr::new("info"), pad.as_os_str()]));
+    fails(
+        hiermd(&[OsStr::new("verify"), pad.as_os_str()]),
+        &["traj-0000.hmdt", "header byte 1000", "corrupt"],
+    );
+    // A NaN time (the f64 block after the coordinates).
+    let time = dir.join("time");
+    copy_dir(&data, &time);
+    let file = time.join("traj-0000.hmdt");
+    let mut b = std::fs::read(&file).unwrap();
+    let at = HEADER + 20 * ATOMS * 12 + 3 * 8;
+    b[at..at + 8].copy_from_slice(&f64::NAN.to_le_bytes());
+    std::fs::write(&file, b).unwrap();
+    fails(
+        hiermd(&[OsStr::new("verify"), time.as_os_str()]),
+        &["traj-0000.hmdt", "frame 3: time is not finite"],
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -591,6 +657,25 @@ fn feature_stores_carry_checksums() {
     let out = ok(hiermd(&[OsStr::new("verify"), old.as_os_str()]));
     assert_eq!(out.matches("no checksum recorded").count(), 2, "{out}");
 
+    // An implausible C-alpha position (the f32 block after the features of feat-0000).
+    let ca = dir.join("ca");
+    copy_dir(&feats, &ca);
+    let tokens = Dataset::open(&data).unwrap().manifest.tokens;
+    let ca_at = 4096 + 30 * tokens * 4 * 16 * 4;
+    write_f32(
+        &ca.join("feat-0000.hmdf"),
+        ca_at + 12 * (2 * tokens + 1),
+        1e30,
+    );
+    fails(
+        hiermd(&[OsStr::new("verify"), ca.as_os_str()]),
+        &[
+            "feat-0000.hmdf",
+            "frame 2: token 1: C-alpha coordinate",
+            "implausible",
+        ],
+    );
+
     // A file path outside the store.
     let out_of = dir.join("outside");
     copy_dir(&feats, &out_of);
@@ -604,6 +689,14 @@ fn feature_stores_carry_checksums() {
         store::FeatureStore::open(&out_of).err().expect("refused")
     );
     assert!(e.contains("not a path inside the folder"), "{e}");
+
+    // The dataset changed since the features were computed: verify says so.
+    let m = std::fs::read_to_string(data.join("manifest.toml")).unwrap();
+    std::fs::write(data.join("manifest.toml"), m + "# edited\n").unwrap();
+    fails(
+        hiermd(&[OsStr::new("verify"), feats.as_os_str()]),
+        &["the dataset changed since"],
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -687,6 +780,25 @@ fn model_files_are_sealed_and_checked_before_use() {
     let out = ok(hiermd(&[OsStr::new("verify"), old.as_os_str()]));
     assert!(out.contains("no checksum recorded"), "{out}");
     hiermd::model::atom::AtomModel::load(&old, &hiermd::Device::Cpu).unwrap();
+
+    // Non-finite weights are named (a model file is checked for them whatever its seal says).
+    let nan = dir.join("nan.safetensors");
+    let w = [1.0f32, f32::NAN, 2.0];
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![3],
+        bytemuck::cast_slice(&w),
+    )
+    .unwrap();
+    std::fs::write(
+        &nan,
+        safetensors::serialize([("layer.w", view)], None).unwrap(),
+    )
+    .unwrap();
+    fails(
+        hiermd(&[OsStr::new("verify"), nan.as_os_str()]),
+        &["non-finite values in layer.w[1]"],
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -816,6 +928,57 @@ fn resume_uses_the_newest_intact_checkpoint() {
         "{err}"
     );
     assert!(std::fs::read(c.join("model.safetensors")).unwrap() == model);
+
+    // `latest` naming a checkpoint that is not there: the newest intact one.
+    let e = dir.join("e");
+    copy_dir(&run, &e);
+    std::fs::write(e.join("checkpoints/latest"), "epoch-000007").unwrap();
+    let err = ok(resume(&e));
+    assert!(
+        err.contains("names epoch-000007, which is missing")
+            && err.contains("epoch-000003, the newest intact"),
+        "{err}"
+    );
+
+    // A checkpoint written before manifests: used after a structural check, and verify says
+    // it has no checksum; a checkpoint whose state disagrees with its folder is reported.
+    let f = dir.join("f");
+    copy_dir(&run, &f);
+    std::fs::remove_file(ckpt(&f, 3).join("manifest.toml")).unwrap();
+    std::fs::rename(ckpt(&f, 1), ckpt(&f, 9)).unwrap();
+    std::fs::write(f.join("summary.json"), "{\"epochs\": 3").unwrap();
+    let out = fails(
+        hiermd(&[OsStr::new("verify"), f.as_os_str()]),
+        &[
+            "checkpoints/epoch-000003: no checksum recorded",
+            "says epoch 1, the folder is epoch 9",
+            "summary.json",
+        ],
+    );
+    assert_eq!(out.matches("FAIL").count(), 2, "{out}");
+    let err = ok(resume(&f));
+    assert!(!err.contains("damaged"), "{err}");
+    assert!(std::fs::read(f.join("model.safetensors")).unwrap() == model);
+
+    // A damaged model: the commands that load it refuse it.
+    let g = dir.join("g");
+    copy_dir(&run, &g);
+    let len = model.len();
+    flip_bit(&g.join("model.safetensors"), len - 9, 1);
+    fails(
+        hiermd(&[
+            OsStr::new("transform"),
+            g.as_os_str(),
+            OsStr::new("--out"),
+            dir.join("chi.npy").as_os_str(),
+        ]),
+        &["model.safetensors", "checksum mismatch"],
+    );
+    assert!(!dir.join("chi.npy").exists());
+    // A damaged best.safetensors never becomes the model.
+    let best = std::fs::read(g.join("best.safetensors")).unwrap();
+    flip_bit(&g.join("best.safetensors"), best.len() - 9, 1);
+    fails(resume(&g), &["best.safetensors", "checksum mismatch"]);
 
     // No intact checkpoint: a clear error, and the run folder is left as it was.
     let d = dir.join("d");

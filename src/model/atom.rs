@@ -259,10 +259,11 @@ impl AtomInputs {
     /// have no dataset folder): `atomic_numbers[a]` (1..=99; 100+ is an error, and so is 0, the
     /// unknown element of virtual sites and coarse-grained beads, unless the atom's token is
     /// [`EXCLUDED`]), `token_of_atom[a]` (in `0..tokens`, or [`EXCLUDED`] to leave the atom out:
-    /// such an atom still takes part in the backbone's graph, but no token holds it) and, per token,
-    /// `ca_atom[r]`: the atom whose position is the token's C-alpha position, or `None` for the
-    /// centroid of the token's heavy atoms (of all its atoms if it has none). With the arrays of
-    /// a dataset (`ca_atom` = each token's atom named CA) this equals [`AtomInputs::new`].
+    /// such an atom still takes part in the backbone's graph, but no token holds it) and, per
+    /// token, `ca_atom[r]`: the atom whose position is the token's C-alpha position, or `None`
+    /// for the centroid of the token's heavy atoms (of all its atoms if it has none). With the
+    /// arrays of a dataset (`ca_atom` = each token's atom named CA) this equals
+    /// [`AtomInputs::new`].
     /// Hydrogen (Z = 1) counts as light, every other element as heavy, and an atom of unknown
     /// element (Z = 0, dropped) as neither.
     pub fn from_parts(

@@ -541,11 +541,12 @@ impl NlCase<'_> {
                     return Some(format!("edge {e} ({j} -> {i}) has length {d}, cutoff {c}"));
                 }
                 if let Some(inv) = inv {
-                    for k in 0..3 {
-                        let m: f64 = (0..3).map(|r| s[r] * inv[r][k]).sum();
-                        if (m - m.round()).abs() >= 1e-3 + 1e-6 * m.abs() {
-                            return Some(format!("edge {e}: shift {s:?} is not a lattice vector"));
-                        }
+                    // The shift's fractional coordinates must be integers.
+                    let m = [0, 1, 2].map(|k| (0..3).map(|r| s[r] * inv[r][k]).sum::<f64>());
+                    if m.iter()
+                        .any(|m| (m - m.round()).abs() >= 1e-3 + 1e-6 * m.abs())
+                    {
+                        return Some(format!("edge {e}: shift {s:?} is not a lattice vector"));
                     }
                 }
             }

@@ -46,18 +46,10 @@ trait Setup {
     fn encode(&self, net: &Net, tape: &mut Tape, step: usize, lag: bool) -> Result<Var>;
 }
 
-/// The network of a setup.
-enum Net {
-    Token(TokenModel),
-    Atom(AtomModel, AtomInputs, TokenModel),
-}
-
-impl Net {
-    fn token(&self) -> &TokenModel {
-        match self {
-            Net::Token(t) | Net::Atom(_, _, t) => t,
-        }
-    }
+/// The network of a setup: the atom stage (end to end) and the token model.
+struct Net {
+    atom: Option<(AtomModel, AtomInputs)>,
+    token: TokenModel,
 }
 
 /// What a run leaves: the loss (-VAMP-2) of every step and the final parameters (store order).
@@ -266,7 +258,13 @@ impl Tokens {
 impl Setup for TokenData {
     fn build(&self, dev: &Device) -> Result<(Net, ParamStore)> {
         let (model, ps) = TokenModel::create(self.config.clone(), dev)?;
-        Ok((Net::Token(model), ps))
+        Ok((
+            Net {
+                atom: None,
+                token: model,
+            },
+            ps,
+        ))
     }
 
     fn encode(&self, net: &Net, tape: &mut Tape, step: usize, lag: bool) -> Result<Var> {
@@ -279,7 +277,7 @@ impl Setup for TokenData {
             ca: Some(x.ca.clone()),
             mask: Some(x.mask.clone()),
         };
-        Ok(net.token().forward(tape, &batch)?.out)
+        Ok(net.token.forward(tape, &batch)?.out)
     }
 }
 
@@ -348,16 +346,23 @@ impl Setup for AtomData {
         let sys = &self.system;
         let ca: Vec<Option<usize>> = sys.ca_atom.iter().map(|&i| Some(i)).collect();
         let inputs = AtomInputs::from_parts(&sys.z, &sys.residue, sys.residues(), &ca, dev)?;
-        Ok((Net::Atom(atom, inputs, token), ps))
+        Ok((
+            Net {
+                atom: Some((atom, inputs)),
+                token,
+            },
+            ps,
+        ))
     }
 
     fn encode(&self, net: &Net, tape: &mut Tape, step: usize, lag: bool) -> Result<Var> {
-        let Net::Atom(atom, inputs, token) = net else {
+        let Some((atom, inputs)) = &net.atom else {
             anyhow::bail!("not an end-to-end network");
         };
         let pos = &self.steps[step][lag as usize];
         let toks = atom.tokens(tape, inputs, pos, self.pairs, None)?;
-        Ok(token
+        Ok(net
+            .token
             .forward_vars(tape, toks.s, toks.v, Some(&toks.ca), None)?
             .out)
     }

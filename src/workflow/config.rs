@@ -530,7 +530,8 @@ impl RunConfig {
         ] {
             ensure!(
                 v <= MAX_WIDTH,
-                "{field} = {v}: at most {MAX_WIDTH} (the weights grow with it, most with its square)"
+                "{field} = {v}: at most {MAX_WIDTH} (the weights grow with it, most with its \
+                 square)"
             );
         }
         ensure!(
