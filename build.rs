@@ -78,7 +78,11 @@ fn deflate(bytes: &[u8]) -> Vec<u8> {
 fn retarget(ptx: &str, from: &str, to: &str) -> Option<String> {
     let line = format!(".target {from}");
     let at = ptx.find(&line)?;
-    Some(format!("{}.target {to}{}", &ptx[..at], &ptx[at + line.len()..]))
+    Some(format!(
+        "{}.target {to}{}",
+        &ptx[..at],
+        &ptx[at + line.len()..]
+    ))
 }
 
 fn module_table(root: &Path, src: &Path, table: &mut String) {
@@ -147,7 +151,10 @@ fn module_table(root: &Path, src: &Path, table: &mut String) {
         )
         .unwrap();
     }
-    let list: Vec<String> = kernels.iter().map(|k| format!("&{}", k.to_uppercase())).collect();
+    let list: Vec<String> = kernels
+        .iter()
+        .map(|k| format!("&{}", k.to_uppercase()))
+        .collect();
     writeln!(
         table,
         "    /// Every kernel of this module.\n    pub static KERNELS: &[&crate::launch::Kernel] = &[{}];",

@@ -350,10 +350,7 @@ pub fn assert_close(
 /// f32 loss summed over many terms, divided by 2h) as 1/h, so the two estimates differ by about
 /// the larger of their errors. A test then allows `tol * scale + error`: a wrong derivative is
 /// off by far more, a right one is no longer failed by the difference's own noise.
-pub fn central_difference(
-    mut f: impl FnMut(f64) -> Result<f64>,
-    h: f64,
-) -> Result<(f64, f64)> {
+pub fn central_difference(mut f: impl FnMut(f64) -> Result<f64>, h: f64) -> Result<(f64, f64)> {
     let fd = (f(h)? - f(-h)?) / (2.0 * h);
     let fd2 = (f(2.0 * h)? - f(-2.0 * h)?) / (4.0 * h);
     Ok((fd, 4.0 * (fd - fd2).abs()))

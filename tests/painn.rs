@@ -971,8 +971,7 @@ device_test!(backbone_gradient_matches_finite_differences, |dev| {
                 )
                 .sum::<f64>()
                 .max(1e-2);
-            let (fd, fd_err) =
-                central_difference(|e| loss_at(&mut tape, dir, dpos_dir, e), 2e-3)?;
+            let (fd, fd_err) = central_difference(|e| loss_at(&mut tape, dir, dpos_dir, e), 2e-3)?;
             ensure!(
                 (fd - analytic).abs() <= 2e-2 * scale + fd_err,
                 "{kind}: {what}: directional derivative by the tape {analytic:.6e}, by finite \

@@ -382,10 +382,18 @@ fn nesting_is_limited_not_a_stack_overflow() {
     // 10,000 nested parentheses and 30,000 `not`: a clean error, not an abort.
     let parens = format!("{}all{}", "(".repeat(10_000), ")".repeat(10_000));
     let e = parse_err(&parens);
-    assert!(e.contains("nested more than 256 deep"), "{}", &e[e.len() - 200..]);
+    assert!(
+        e.contains("nested more than 256 deep"),
+        "{}",
+        &e[e.len() - 200..]
+    );
     let nots = format!("{}all", "not ".repeat(30_000));
     let e = parse_err(&nots);
-    assert!(e.contains("nested more than 256 deep"), "{}", &e[e.len() - 200..]);
+    assert!(
+        e.contains("nested more than 256 deep"),
+        "{}",
+        &e[e.len() - 200..]
+    );
     // Within the limit they parse and mean what they say.
     let top = adk_psf();
     let ok = format!("{}name CA{}", "(".repeat(256), ")".repeat(256));

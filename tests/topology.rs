@@ -558,7 +558,10 @@ fn gro_errors() {
     assert!(e.contains(":4: box line has 4 numbers"), "{e}");
     // An atom count beyond what any system holds is refused before anything is allocated.
     let (_f, e) = p("t\n999999999999\n");
-    assert!(e.contains("999999999999 atoms, more than the 100000000"), "{e}");
+    assert!(
+        e.contains("999999999999 atoms, more than the 100000000"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -603,7 +606,10 @@ END
         .map(|a| (a.element.as_str(), a.atomic_number, a.mass))
         .collect();
     assert_eq!(el, [("X", 0, 0.0), ("X", 0, 0.0), ("C", 6, 12.011)]);
-    assert!(top.atoms.iter().all(|a| a.segid == "PROT" && a.chain == "PROT"));
+    assert!(top
+        .atoms
+        .iter()
+        .all(|a| a.segid == "PROT" && a.chain == "PROT"));
     // No CRYST1 before the first model: the one after its ENDMDL is its box (MDAnalysis).
     assert_dims(&top, [40.0, 41.0, 42.0, 90.0, 90.0, 90.0]);
 
@@ -730,17 +736,32 @@ fn psf_errors() {
         "{e}"
     );
     let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 2 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n       2 A    1    ALA  CA   CT1   -0.4x0000       12.0110           0\n");
-    assert!(e.contains(":8: atom 2: charge \"-0.4x0000\" is not a finite number: cannot read"), "{e}");
+    assert!(
+        e.contains(":8: atom 2: charge \"-0.4x0000\" is not a finite number: cannot read"),
+        "{e}"
+    );
     // A mass that is no number, or negative, names the line, the atom and the field.
     let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 2 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n       2 A    1    ALA  CA   CT1    0.070000           abc           0\n");
-    assert!(e.contains(":8: atom 2: mass \"abc\" is not a finite number"), "{e}");
+    assert!(
+        e.contains(":8: atom 2: mass \"abc\" is not a finite number"),
+        "{e}"
+    );
     let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 2 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n       2 A    1    ALA  CA   CT1    0.070000       -12.011           0\n");
-    assert!(e.contains(":8: atom 2 (CA of residue ALA 1): mass -12.011 is negative"), "{e}");
+    assert!(
+        e.contains(":8: atom 2 (CA of residue ALA 1): mass -12.011 is negative"),
+        "{e}"
+    );
     let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 2 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n       2 A    1    ALA  CA   CT1    0.070000           nan           0\n");
-    assert!(e.contains(":8: atom 2: mass \"nan\" is not a finite number"), "{e}");
+    assert!(
+        e.contains(":8: atom 2: mass \"nan\" is not a finite number"),
+        "{e}"
+    );
     // An atom count beyond what any system holds is refused before anything is read.
     let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 999999999999 !NATOM\n");
-    assert!(e.contains("999999999999 atoms, more than the 100000000"), "{e}");
+    assert!(
+        e.contains("999999999999 atoms, more than the 100000000"),
+        "{e}"
+    );
     let (_f, e) = p("PSF\n\n 1 !NTITLE\n* t\n\n 5 !NATOM\n       1 A    1    ALA  N    NH1   -0.470000       14.0070           0\n");
     assert!(
         e.contains("truncated: the file declares 5 atoms but ends after 1"),

@@ -1199,7 +1199,10 @@ fn special_files_are_refused_by_type() {
         let t = std::time::Instant::now();
         let e = format!("{:#}", open_trajectory(&link).err().unwrap());
         assert!(t.elapsed().as_secs_f64() < 1.0, "{ext}");
-        assert!(e.contains("is a character device, not a regular file"), "{ext}: {e}");
+        assert!(
+            e.contains("is a character device, not a regular file"),
+            "{ext}: {e}"
+        );
     }
     let fifo = dir.join("pipe.pdb");
     let _ = std::fs::remove_file(&fifo);
@@ -1228,7 +1231,10 @@ fn implausible_times_and_precision() {
     assert_eq!(f.time_ps, None);
     let w = r.take_warnings().join("\n");
     assert!(w.contains("is not plausible"), "{w}");
-    assert!(w.contains("read as CHARMM's f32 it would give 0.0488"), "{w}");
+    assert!(
+        w.contains("read as CHARMM's f32 it would give 0.0488"),
+        "{w}"
+    );
     assert!(w.contains(&file.path().display().to_string()), "{w}");
     assert!(r.take_warnings().is_empty(), "taken once");
     // XTC precision 1e30 (every coordinate would be 0): an error naming the file and frame.
@@ -1236,7 +1242,11 @@ fn implausible_times_and_precision() {
     b[56..60].copy_from_slice(&1e30f32.to_be_bytes());
     let file = TempFile::new("prec.xtc", &b);
     let err = read_all(file.path()).unwrap_err();
-    assert_err_names(&err, file.path(), &["frame 0", "implausible compression precision 1e30"]);
+    assert_err_names(
+        &err,
+        file.path(),
+        &["frame 0", "implausible compression precision 1e30"],
+    );
     // A time that is not finite: times dropped with a warning naming the frame.
     let mut frames = xtc_frames(12, 3.0);
     frames[1].time = f32::NAN;

@@ -5,8 +5,7 @@
 
 use super::{measure, provenance};
 use crate::ops::eqsdpa::{
-    eqsdpa_backward, eqsdpa_backward_half, eqsdpa_forward, eqsdpa_forward_half,
-    EqsdpaBackwardMode,
+    eqsdpa_backward, eqsdpa_backward_half, eqsdpa_forward, eqsdpa_forward_half, EqsdpaBackwardMode,
 };
 use crate::ops::gemm::HalfFloat;
 use crate::ops::gemm::{gemm_batched, Batch};

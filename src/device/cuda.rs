@@ -192,8 +192,9 @@ impl CudaDevice {
         // SAFETY: `dst` holds at least src.len() bytes (checked by the tensor layer); `src`
         // outlives the copy because we wait for the stream before returning.
         unsafe {
-            result::memcpy_htod_async(dst, src, self.stream)
-                .with_context(|| format!("cuda:{}: upload of {} bytes", self.info.ordinal, src.len()))?;
+            result::memcpy_htod_async(dst, src, self.stream).with_context(|| {
+                format!("cuda:{}: upload of {} bytes", self.info.ordinal, src.len())
+            })?;
             result::stream::synchronize(self.stream).with_context(|| self.fault_context())?;
         }
         Ok(())
@@ -217,7 +218,6 @@ impl CudaDevice {
         }
         Ok(())
     }
-
 
     pub(crate) fn function(&self, k: &crate::launch::Kernel) -> Result<sys::CUfunction> {
         self.bind()?;
@@ -256,14 +256,19 @@ const JIT_LOG_BYTES: usize = 16 * 1024;
 
 /// Loads a PTX image, asking the JIT compiler for its error log: on failure, the driver's error
 /// and the log (what ptxas said about which line).
-fn load_module(image: &CString) -> std::result::Result<sys::CUmodule, (result::DriverError, String)> {
+fn load_module(
+    image: &CString,
+) -> std::result::Result<sys::CUmodule, (result::DriverError, String)> {
     let mut log = vec![0u8; JIT_LOG_BYTES];
     let mut options = [
         sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
         sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
     ];
     // Option values are passed as pointer-sized words: a pointer, then a byte count.
-    let mut values = [log.as_mut_ptr() as *mut c_void, JIT_LOG_BYTES as *mut c_void];
+    let mut values = [
+        log.as_mut_ptr() as *mut c_void,
+        JIT_LOG_BYTES as *mut c_void,
+    ];
     let mut module = std::ptr::null_mut();
     // SAFETY: a NUL-terminated PTX image; the log buffer outlives the call and its size is
     // stated in the options.
@@ -293,9 +298,7 @@ pub fn module_load_error(module: &str, gpu: &CudaInfo, error: &str, jit_log: &st
         gpu.name, gpu.compute_capability.0, gpu.compute_capability.1, gpu.driver_version
     );
     if error.contains("UNSUPPORTED_PTX_VERSION") {
-        msg.push_str(
-            "; the PTX (ISA 9.0) needs a driver for CUDA 13.0 or newer (580+)",
-        );
+        msg.push_str("; the PTX (ISA 9.0) needs a driver for CUDA 13.0 or newer (580+)");
     }
     if jit_log.is_empty() {
         msg.push_str("; the JIT compiler left no log");

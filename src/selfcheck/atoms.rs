@@ -64,16 +64,22 @@ fn plus(init: &[f32], add: &[f64]) -> Vec<f64> {
     init.iter().zip(add).map(|(&a, &b)| a as f64 + b).collect()
 }
 
-/// Records `got` against `want` under the tests' `close(tol)`.
+/// Records each `(what, got, want, tol)` as `"{name}: {what}"` under the tests' `close(tol)`.
 fn close(
     ctx: &mut Ctx,
-    name: String,
-    got: &Tensor<f32>,
-    want: &[f64],
-    tol: f64,
+    name: &str,
     secs: f64,
+    checks: &[(&str, &Tensor<f32>, &[f64], f64)],
 ) -> Result<()> {
-    ctx.compare(name, &got.to_vec()?, want, scaled(want, tol), secs);
+    for &(what, got, want, tol) in checks {
+        ctx.compare(
+            format!("{name}: {what}"),
+            &got.to_vec()?,
+            want,
+            scaled(want, tol),
+            secs,
+        );
+    }
     Ok(())
 }
 
@@ -426,8 +432,12 @@ fn painn_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
         )?;
         Ok((ds, dv))
     })?;
-    close(ctx, format!("{name}: ds"), &ds, &ds_r, 3e-5, secs)?;
-    close(ctx, format!("{name}: dv"), &dv, &dv_r, 3e-5, secs)?;
+    close(
+        ctx,
+        &name,
+        secs,
+        &[("ds", &ds, &ds_r, 3e-5), ("dv", &dv, &dv_r, 3e-5)],
+    )?;
     isolated_zero(ctx, format!("{name}: isolated atoms' ds = 0"), c, &ds)?;
 
     let ((dphi, dvv, dvec), secs) = ctx.timed(|d| {
@@ -451,27 +461,13 @@ fn painn_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
     })?;
     close(
         ctx,
-        format!("{name}: backward dphi"),
-        &dphi,
-        &dphi_r,
-        3e-5,
+        &name,
         secs,
-    )?;
-    close(
-        ctx,
-        format!("{name}: backward dv"),
-        &dvv,
-        &dvv_r,
-        3e-5,
-        secs,
-    )?;
-    close(
-        ctx,
-        format!("{name}: backward dvec"),
-        &dvec,
-        &dvec_r,
-        1e-4,
-        secs,
+        &[
+            ("backward dphi", &dphi, &dphi_r, 3e-5),
+            ("backward dv", &dvv, &dvv_r, 3e-5),
+            ("backward dvec", &dvec, &dvec_r, 1e-4),
+        ],
     )?;
     let (dpos, secs) = ctx.timed(|d| {
         let mut dpos = poisoned(d, &[n, 3])?;
@@ -480,11 +476,9 @@ fn painn_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
     })?;
     close(
         ctx,
-        format!("{name}: position backward"),
-        &dpos,
-        &dpos_r,
-        1e-4,
+        &name,
         secs,
+        &[("position backward", &dpos, &dpos_r, 1e-4)],
     )?;
 
     // The filter gradients accumulate onto what is there; poisoned caller scratch (its contents
@@ -506,22 +500,12 @@ fn painn_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
         )?;
         Ok((dw, db))
     })?;
-    close(
-        ctx,
-        format!("{name}: filter dw"),
-        &dw,
-        &plus(&w0, &dw_r),
-        1e-4,
-        secs,
-    )?;
-    close(
-        ctx,
-        format!("{name}: filter db"),
-        &db,
-        &plus(&b0, &db_r),
-        1e-4,
-        secs,
-    )?;
+    let (dw_want, db_want) = (plus(&w0, &dw_r), plus(&b0, &db_r));
+    let checks = [
+        ("filter dw", &dw, &dw_want[..], 1e-4),
+        ("filter db", &db, &db_want, 1e-4),
+    ];
+    close(ctx, &name, secs, &checks)?;
 
     // Outputs skipped one by one give the same bits (the op's own scratch here).
     let mut db_only = t(&[3 * h], &b0)?;
@@ -768,8 +752,15 @@ fn et_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
         et::et_message_forward(&g.nl, &t, c.basis, heads, &mut xagg, &mut vagg)?;
         Ok((xagg, vagg))
     })?;
-    close(ctx, format!("{name}: xagg"), &xagg, &xagg_r, 3e-5, secs)?;
-    close(ctx, format!("{name}: vagg"), &vagg, &vagg_r, 3e-5, secs)?;
+    close(
+        ctx,
+        &name,
+        secs,
+        &[
+            ("xagg", &xagg, &xagg_r, 3e-5),
+            ("vagg", &vagg, &vagg_r, 3e-5),
+        ],
+    )?;
     isolated_zero(ctx, format!("{name}: isolated atoms' xagg = 0"), c, &xagg)?;
 
     let (grads, secs) = ctx.timed(|d| {
@@ -791,18 +782,19 @@ fn et_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
         et::et_message_backward(&g.nl, &t, c.basis, heads, &gx_t, &gv_t, out)?;
         Ok(o)
     })?;
-    for (i, what) in ["dq", "dkey", "dval", "dvec", "dedge"].iter().enumerate() {
-        // The per-edge gradient is a difference of larger terms: the tests' 1e-4.
-        let tol = if i == 4 { 1e-4 } else { 3e-5 };
-        close(
-            ctx,
-            format!("{name}: backward {what}"),
-            &grads[i],
-            &grads_r[i],
-            tol,
-            secs,
-        )?;
-    }
+    let names = ["dq", "dkey", "dval", "dvec", "dedge"].map(|w| format!("backward {w}"));
+    // The per-edge gradient is a difference of larger terms: the tests' 1e-4 there.
+    let checks: Vec<_> = (0..5)
+        .map(|i| {
+            (
+                &names[i][..],
+                &grads[i],
+                &grads_r[i][..],
+                if i == 4 { 1e-4 } else { 3e-5 },
+            )
+        })
+        .collect();
+    close(ctx, &name, secs, &checks)?;
     let (dpos, secs) = ctx.timed(|d| {
         let mut dpos = poisoned(d, &[n, 3])?;
         pn::painn_position_backward(&g.nl, &grads[4], &mut dpos)?;
@@ -810,11 +802,9 @@ fn et_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
     })?;
     close(
         ctx,
-        format!("{name}: position backward"),
-        &dpos,
-        &dpos_r,
-        1e-4,
+        &name,
         secs,
+        &[("position backward", &dpos, &dpos_r, 1e-4)],
     )?;
 
     // The filter gradients accumulate onto what is there; poisoned caller scratch.
@@ -845,17 +835,12 @@ fn et_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
         )?;
         Ok(o)
     })?;
-    for (i, what) in ["dw_dk", "db_dk", "dw_dv", "db_dv"].iter().enumerate() {
-        let want = plus(&init[i], &filt_r[i]);
-        close(
-            ctx,
-            format!("{name}: filter {what}"),
-            &filt[i],
-            &want,
-            1e-4,
-            secs,
-        )?;
-    }
+    let names = ["dw_dk", "db_dk", "dw_dv", "db_dv"].map(|w| format!("filter {w}"));
+    let wants: Vec<_> = (0..4).map(|i| plus(&init[i], &filt_r[i])).collect();
+    let checks: Vec<_> = (0..4)
+        .map(|i| (&names[i][..], &filt[i], &wants[i][..], 1e-4))
+        .collect();
+    close(ctx, &name, secs, &checks)?;
 
     // Outputs asked for alone give the same bits: dq and dedge (the source kernel without
     // dkey, dval, dvec), and the value bias (the op's own scratch).
@@ -922,7 +907,7 @@ fn layernorm(ctx: &mut Ctx) -> Result<()> {
             et::et_layernorm_forward(&xt, &gt, &bt, eps, &mut y, &mut st)?;
             Ok((y, st))
         })?;
-        close(ctx, format!("{name}: forward"), &y, &y_r, 2e-5, secs)?;
+        close(ctx, &name, secs, &[("forward", &y, &y_r, 2e-5)])?;
         let ones = vec![1.0f32; h];
         let ((dx, dg, db), secs) = ctx.timed(|d| {
             let mut dx = poisoned(d, &[n, h])?;
@@ -941,23 +926,13 @@ fn layernorm(ctx: &mut Ctx) -> Result<()> {
             Ok((dx, dg, db))
         })?;
         let plus1 = |v: &[f64]| v.iter().map(|x| x + 1.0).collect::<Vec<_>>();
-        close(ctx, format!("{name}: backward dx"), &dx, &dx_r, 1e-4, secs)?;
-        close(
-            ctx,
-            format!("{name}: backward dgamma"),
-            &dg,
-            &plus1(&dg_r),
-            1e-4,
-            secs,
-        )?;
-        close(
-            ctx,
-            format!("{name}: backward dbeta"),
-            &db,
-            &plus1(&db_r),
-            1e-4,
-            secs,
-        )?;
+        let (dg_want, db_want) = (plus1(&dg_r), plus1(&db_r));
+        let checks = [
+            ("backward dx", &dx, &dx_r[..], 1e-4),
+            ("backward dgamma", &dg, &dg_want, 1e-4),
+            ("backward dbeta", &db, &db_want, 1e-4),
+        ];
+        close(ctx, &name, secs, &checks)?;
         // dx alone (no parameter kernels), and dgamma alone with the op's own scratch.
         let mut dx_only = poisoned(&dev, &[n, h])?;
         et::et_layernorm_backward(&xt, &gt, &st, &dyt, Some(&mut dx_only), None, None, None)?;

@@ -476,7 +476,7 @@ impl Fused {
             None => None,
         };
         let (mut out, mut lse) = (poisoned(dev, &vs)?, poisoned(dev, &[d.bh, d.t])?);
-        let (h, s) = (d.heads, c.scale * std::env::var("MUT").ok().and_then(|v| v.parse::<f32>().ok()).unwrap_or(1.0));
+        let (h, s) = (d.heads, c.scale);
         let ((), t_fwd) =
             ctx.timed(|_| T::forward(&q, &k, &v, mask.as_ref(), h, s, &mut out, &mut lse))?;
         let grads = |mode| -> Result<([Vec<f32>; 3], f64)> {
@@ -638,7 +638,7 @@ fn materialised_path(ctx: &mut Ctx, c: &Case) -> Result<()> {
     let dout = Tensor::from_slice(&dev, &vs, &c.dout)?;
     let (o, t_fwd) = ctx.timed(|_| {
         let scores = nn::matmul(&mut tape, q, k, false, true, (d.bh, d.t, d.t, d.dh), 1.0)?;
-        let p = nn::softmax(&mut tape, scores, c.scale * std::env::var("MUT").ok().and_then(|v| v.parse::<f32>().ok()).unwrap_or(1.0), mask, d.heads * d.t)?;
+        let p = nn::softmax(&mut tape, scores, c.scale, mask, d.heads * d.t)?;
         nn::matmul(&mut tape, p, v, false, false, (d.bh, d.t, d.dv(), d.t), 1.0)
     })?;
     let out = tape.value(o).to_vec()?;

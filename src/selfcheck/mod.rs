@@ -13,8 +13,8 @@
 //! On `cpu` the same checks compare the f32 CPU path with the f64 twins; on `emu` they run the
 //! CUDA source on the host, which is how CI keeps this honest.
 
-mod attention;
 mod atoms;
+mod attention;
 mod elementwise;
 mod equivariant;
 mod gather;
@@ -468,7 +468,11 @@ fn find(name: &str) -> Result<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name).ok_or_else(|| {
         anyhow!(
             "no selfcheck family {name:?}; the families are {}",
-            FAMILIES.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+            FAMILIES
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     })
 }
@@ -556,7 +560,10 @@ fn run_child(family: &Family, opts: &Options, seed: u64) -> FamilyReport {
             ),
             Vec::new(),
         ),
-        (Err(e), _) => fail(format!("{e}; its last lines:\n{}", tail.join("\n")), Vec::new()),
+        (Err(e), _) => fail(
+            format!("{e}; its last lines:\n{}", tail.join("\n")),
+            Vec::new(),
+        ),
     }
 }
 
@@ -672,7 +679,9 @@ fn print_summary(r: &Report) {
             println!("  not launched by any check in {m}: {}", names.join(", "));
         }
     }
-    println!("| family | checks | failed | closest to its tolerance | max err | tol | kernels | s |");
+    println!(
+        "| family | checks | failed | closest to its tolerance | max err | tol | kernels | s |"
+    );
     println!("|---|--:|--:|---|--:|--:|--:|--:|");
     for f in &r.families {
         // The check whose error came nearest its bound (or the first failure).

@@ -690,8 +690,9 @@ fn headline(p: &HeadlineParts) -> String {
 }
 
 impl AnalysisSummary {
-    /// The one-line summary for a terminal (the same as [`AnalysisSummary::headline`]'s field):
-    /// both slowest timescales, MSM and singular-value, the states, and the checks.
+    /// The one-line summary for a terminal (the `headline` field): both slowest timescales, MSM
+    /// and singular-value, the states and how they were assigned, and whether the checks passed.
+    /// `hiermd analyze` should print this rather than `slowest_timescale` alone.
     pub fn headline(&self) -> &str {
         &self.headline
     }
