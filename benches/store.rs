@@ -62,6 +62,7 @@ fn bench_import(
             selection: selection.into(),
             token_map: None,
             time_step_ps: None,
+            max_frames: None,
             force: true,
             progress: false,
         })?;
@@ -124,6 +125,7 @@ fn main() -> Result<()> {
         selection: "heavy".into(),
         token_map: None,
         time_step_ps: Some(1.0),
+        max_frames: None,
         force: true,
         progress: false,
     })

@@ -548,6 +548,72 @@ fn runs_are_replaced_only_whole_and_transform_never_overwrites() {
     assert_eq!(std::fs::read(&npy).unwrap(), b"precious");
     succeeds(&t(true));
     assert_eq!(std::fs::read(&npy).unwrap(), first_npy);
+
+    // Item 4: `--resume` removes what killed processes left in the run and its checkpoints.
+    let dead = dead_pid();
+    let stale = [
+        run.join(format!(".metrics.jsonl.hiermd-{dead}-0")),
+        run.join("checkpoints")
+            .join(format!(".epoch-000002.ckpt-{dead}")),
+    ];
+    std::fs::write(&stale[0], "partial").unwrap();
+    std::fs::create_dir(&stale[1]).unwrap();
+    succeeds(&hiermd(&[
+        "train".as_ref(),
+        "--resume".as_ref(),
+        "--run".as_ref(),
+        run.as_os_str(),
+    ]));
+    for p in &stale {
+        assert!(!p.exists(), "{} was left", p.display());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn init_model_and_feature_exports_never_overwrite_their_inputs() {
+    let dir = dir_for("model-npy");
+    let (_, features, _) = run_fixture(&dir);
+    let before = snapshot(&features);
+    let e = hiermd::store::write_npy(&features, 0, &features.join("feat-0000.hmdf")).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("lies inside the input feature store"),
+        "{e:#}"
+    );
+    assert_eq!(snapshot(&features), before);
+    hiermd::store::FeatureStore::open(&features).unwrap();
+    // Outside the store it writes, atomically (nothing left beside the file).
+    let listing = names(&dir);
+    hiermd::store::write_npy(&features, 1, &dir.join("f1.npy")).unwrap();
+    let mut expect = listing.clone();
+    expect.push("f1.npy".into());
+    expect.sort();
+    assert_eq!(names(&dir), expect);
+
+    let config = dir.join("atom.toml");
+    std::fs::write(&config, "[backbone]\nhidden = 8\nlayers = 1\n").unwrap();
+    let init = |out: &Path, force: bool| {
+        let mut a: Vec<&std::ffi::OsStr> = vec![
+            "init-model".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ];
+        if force {
+            a.push("--force".as_ref());
+        }
+        hiermd(&a)
+    };
+    fails(&init(&config, true), &["is the input configuration"]);
+    fails(&init(&features, true), &["is a folder"]);
+    assert_eq!(snapshot(&features), before);
+    let model = dir.join("m.safetensors");
+    std::fs::write(&model, "precious").unwrap();
+    fails(&init(&model, false), &["already exists", "--force"]);
+    assert_eq!(std::fs::read(&model).unwrap(), b"precious");
+    succeeds(&init(&model, true));
+    assert_ne!(std::fs::read(&model).unwrap(), b"precious");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -197,10 +197,10 @@ pub fn attention(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value> {
 }
 
 /// The fused kernel on bf16 or f16 inputs (the tensor-core path).
-fn attention_half<T: HalfFloat>(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value>
-where
-    T: From<HalfOf>,
-{
+fn attention_half<T: HalfFloat + From<HalfOf>>(
+    a: &AttentionArgs,
+    dev: &Device,
+) -> Result<serde_json::Value> {
     let (t, bh, dh, dv) = (a.tokens, a.batch * a.heads, a.dh, 4 * a.dh);
     let scale = 1.0 / (dh as f32).sqrt();
     let mut rng = Rng::new(23);

@@ -740,6 +740,14 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
     reads.extend(args.model.as_deref().map(|m| ("model", m)));
     reads.extend(args.config.as_deref().map(|c| ("configuration", c)));
     crate::output::refuse_overlap(&args.out, &reads)?;
+    // Leftovers of killed processes beside the run, in it and among its checkpoints.
+    for dir in [
+        crate::output::parent_of(&args.out),
+        args.out.clone(),
+        args.out.join("checkpoints"),
+    ] {
+        crate::output::clean_stale(&dir);
+    }
     let ds = open_dataset(&args.data)?;
     let ckpts = Checkpoints::new(&args.out, args.keep);
     let latest = ckpts.latest()?;
