@@ -165,7 +165,7 @@ if [ -n "$quick" ]; then
     step bench-attention-f32-train 60 last "$hiermd" --device "$device" bench attention --tokens 128 --backward --warmup 0 --repeats 1
     step bench-attention-bf16-train 60 last "$hiermd" --device "$device" bench attention --tokens 128 --dtype bf16 --backward --warmup 0 --repeats 1
     step bench-scaling 120 tail "$hiermd" --device "$device" bench scaling --residues 24,48 --windows 1,4 --graph-conv none,cheap --batch 2 --blocks 1 --repeats 1 --point-timeout 60 --out "$logs/scaling"
-    step demo 240 tail "$hiermd" --device "$device" demo --quick --frames 400 --data "$here/data/alanine" --out "$work/demo"
+    step demo 330 tail "$hiermd" --device "$device" demo --quick --frames 400 --data "$here/data/alanine" --out "$work/demo"
 else
     step bench-kernels 90 tail "$hiermd" --device "$device" bench kernels --json "$logs/bench-kernels.json"
     for w in 1 2 4 8; do
