@@ -583,7 +583,7 @@ pub(super) fn neighbor_list(ctx: &mut Ctx) -> Result<()> {
             (64, 40, 5.0),
             (16, 300, 10.0),
             (2, 2500, 5.0),
-            (1, 20_000, 5.0),
+            (1, 10_000, 5.0),
         ]
     };
     for &(frames, atoms, cutoff) in open {
@@ -611,7 +611,7 @@ pub(super) fn neighbor_list(ctx: &mut Ctx) -> Result<()> {
             (64, 30, 5.0),
             (8, 700, 5.0),
             (2, 4000, 3.0),
-            (1, 20_000, 5.0),
+            (1, 10_000, 5.0),
         ]
     };
     for triclinic in [false, true] {
