@@ -25,7 +25,7 @@ use crate::tape::Tape;
 use crate::testing::Rng;
 use crate::traj::UnitCell;
 use crate::{Device, Tensor};
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------- helpers --
@@ -290,8 +290,9 @@ fn realistic(ctx: &Ctx, heads: usize) -> Result<Option<Case>> {
 
 // ------------------------------------------------------------------------------------ painn --
 
-/// `painn`: the radial basis, the message forward and backward at every head width, the filter
-/// backward and its reduction, the position backward and the split, then the backbone.
+/// `painn`: the radial basis; the message forward and backward with each of the H 32, 64, 128
+/// and 256 kernels, the filter backward and its reduction, the position backward; the split;
+/// then the backbone.
 pub(super) fn painn(ctx: &mut Ctx) -> Result<()> {
     radial_basis(ctx)?;
     use RbfKind::{ExpNormal as E, Gaussian as G};
@@ -590,8 +591,9 @@ fn split3(ctx: &mut Ctx) -> Result<()> {
 
 // ------------------------------------------------------------------------------- torchmd_et --
 
-/// `torchmd_et`: the attention messages and their backward (query and source kernels) at every
-/// head width, the filter backward and its reduction, the layer norm, then the backbone.
+/// `torchmd_et`: the attention messages and their backward (query and source kernels) with each
+/// of the H 32, 64, 128 and 256 kernels, the filter backward and its reduction; the layer norm
+/// and its parameter partials and reduction; then the backbone.
 pub(super) fn torchmd_et(ctx: &mut Ctx) -> Result<()> {
     use RbfKind::{ExpNormal as E, Gaussian as G};
     let cases = [
@@ -736,13 +738,12 @@ fn et_messages(ctx: &mut Ctx, c: &Case) -> Result<()> {
         },
     );
 
-    let ops: EtOperands<Tensor<f32>> = {
-        let mut v = Vec::with_capacity(9);
-        for (x, shape) in host.iter().zip(&shapes) {
-            v.push(input(&dev, shape, x)?);
-        }
-        v.try_into().map_err(|_| anyhow::anyhow!("nine operands"))?
-    };
+    let ops = host
+        .iter()
+        .zip(&shapes)
+        .map(|(x, shape)| input(&dev, shape, x));
+    let ops: Vec<Tensor<f32>> = ops.collect::<Result<_>>()?;
+    let ops: EtOperands<Tensor<f32>> = ops.try_into().map_err(|_| anyhow!("nine operands"))?;
     let t = et_tensors(&ops);
     let (gx_t, gv_t) = (input(&dev, &[n, h], &gx)?, input(&dev, &[n, 3, h], &gv)?);
     let name = format!("torchmd_et {}", c.label(e));
@@ -1059,7 +1060,7 @@ fn run_backbone(
         tape.backward(out, g)?;
         run.dpos = tape
             .grad(p)
-            .ok_or_else(|| anyhow::anyhow!("the positions got no gradient"))?
+            .ok_or_else(|| anyhow!("the positions got no gradient"))?
             .to_vec()?;
         let ps = tape.params();
         run.grads = ps

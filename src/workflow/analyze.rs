@@ -250,7 +250,7 @@ pub fn analyze_with(
         }
     };
     let mut assignment = assignment;
-    if let Some(d) = dt {
+    if let Some(d) = dt.filter(|&d| d != 1.0) {
         // The checks count frames; say the times in ps too.
         let c = &mut assignment.consistency;
         let (m, v) = (c.msm_timescale * d, c.singular_value_timescale * d);
