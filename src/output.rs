@@ -336,7 +336,25 @@ pub enum OutputKind {
     Run,
     /// `hiermd pretrain`: a `model.toml` that reads as an atom-model configuration.
     PretrainRun,
+    /// `hiermd demo`: the marker [`DEMO_MARKER`] (written first), and nothing but the entries
+    /// the demo writes ([`DEMO_ENTRIES`]).
+    Demo,
 }
+
+/// The file `hiermd demo` writes first in its folder, so that a demo cut short is still known.
+pub const DEMO_MARKER: &str = "hiermd-demo.toml";
+
+/// What `hiermd demo` writes in its folder; a folder holding anything else is not a demo's.
+pub const DEMO_ENTRIES: &[&str] = &[
+    DEMO_MARKER,
+    "data",
+    "features",
+    "pretrain",
+    "atom.toml",
+    "vamp",
+    "spib",
+    "demo.json",
+];
 
 impl OutputKind {
     /// What it is called in messages.
@@ -347,6 +365,7 @@ impl OutputKind {
             Self::NpyFeatures => "folder of featurize .npy files",
             Self::Run => "training run",
             Self::PretrainRun => "pretraining run",
+            Self::Demo => "demo folder",
         }
     }
 
@@ -358,6 +377,7 @@ impl OutputKind {
             Self::NpyFeatures => "npy",
             Self::Run => "train",
             Self::PretrainRun => "pretrain",
+            Self::Demo => "demo",
         }
     }
 }
@@ -429,8 +449,11 @@ pub fn recognise(dir: &Path) -> Option<OutputKind> {
         .filter(|n| parse_temp(n).is_none())
         .collect();
     let npy = |n: &String| numbered(n, "feat", "npy") || numbered(n, "ca", "npy");
-    (names.iter().any(|n| numbered(n, "feat", "npy")) && names.iter().all(npy))
-        .then_some(OutputKind::NpyFeatures)
+    if names.iter().any(|n| numbered(n, "feat", "npy")) && names.iter().all(npy) {
+        return Some(OutputKind::NpyFeatures);
+    }
+    // A demo folder, also one whose run was cut short: its marker (written first).
+    read_marker(&dir.join(DEMO_MARKER)).map(|_| OutputKind::Demo)
 }
 
 /// The top-level names a manifest's `file` entries (and `atom_table`) point at.
@@ -489,6 +512,7 @@ pub fn foreign_entries(dir: &Path, kind: OutputKind) -> Vec<String> {
                 "checkpoints",
             ]
             .contains(&n),
+            OutputKind::Demo => DEMO_ENTRIES.contains(&n),
         }
     };
     entry_names(dir)

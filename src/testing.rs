@@ -60,10 +60,16 @@ impl Rng {
     /// A generator for one test: the process seed mixed with the test's name, so tests draw
     /// different inputs, all reproducible from the one printed seed.
     pub fn for_test(name: &str) -> Self {
+        Self::for_name(test_seed(), name)
+    }
+
+    /// A generator for one named consumer of a run's seed (a test, a device-check family): the
+    /// seed mixed with an FNV-1a hash of the name.
+    pub fn for_name(seed: u64, name: &str) -> Self {
         let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
-        Self::new(test_seed() ^ h)
+        Self::new(seed ^ h)
     }
 
     /// Next 64 random bits.

@@ -906,3 +906,42 @@ fn negative_numbers_reach_the_checks() {
     assert!(!run.exists());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `hiermd demo --out X` rewrites a previous demo's folder only: a folder of the user's (even
+/// one holding only a `data` folder, a name the demo also uses) is refused and left as it was.
+#[test]
+fn demo_never_replaces_a_foreign_folder() {
+    let dir = dir_for("demo-foreign");
+    let mine = dir.join("analysis");
+    std::fs::create_dir_all(mine.join("data")).unwrap();
+    std::fs::write(mine.join("data/run1.dcd"), "my trajectory").unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep me").unwrap();
+    let before = snapshot(&mine);
+    fails(
+        &hiermd(&[
+            "demo".as_ref(),
+            "--quick".as_ref(),
+            "--out".as_ref(),
+            mine.as_os_str(),
+        ]),
+        &["not a hiermd demo folder"],
+    );
+    assert_eq!(snapshot(&mine), before, "the user's folder is intact");
+    std::fs::remove_file(mine.join("notes.txt")).unwrap();
+    let before = snapshot(&mine);
+    fails(
+        &hiermd(&[
+            "demo".as_ref(),
+            "--quick".as_ref(),
+            "--out".as_ref(),
+            mine.as_os_str(),
+        ]),
+        &["not a hiermd demo folder"],
+    );
+    assert_eq!(
+        snapshot(&mine),
+        before,
+        "a lone data folder is not the demo's"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -5,7 +5,10 @@
 //! refuse implausible coordinates as they read them; `train --resume` loads only an intact
 //! checkpoint, falling back to the newest intact one (also when `latest` is missing).
 
-use hiermd::store::{self, Dataset, FeatureDtype, FeatureSettings, FeatureWriter, ImportOptions};
+mod common;
+
+use common::peptide::make_peptide;
+use hiermd::store::{self, Dataset, FeatureDtype, FeatureSettings, FeatureWriter};
 use hiermd::testing::Rng;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -23,10 +26,7 @@ const ATOMS: usize = 20;
 const HEADER: usize = store::HEADER_BYTES as usize;
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hiermd-safety-store-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::peptide::tmpdir("safety-store", name)
 }
 
 /// Runs the hiermd binary on the cpu device.
@@ -68,91 +68,12 @@ fn fails(o: Output, want: &[&str]) -> String {
     t
 }
 
-/// A two-state chain (stay probability 0.97).
-fn chain(rng: &mut Rng, n: usize) -> Vec<u32> {
-    let mut s = 0u32;
-    (0..n)
-        .map(|_| {
-            if rng.uniform() > 0.97 {
-                s = 1 - s;
-            }
-            s
-        })
-        .collect()
-}
-
 /// A dataset of four residues (20 heavy atoms) with one trajectory per entry of `frames`, and
 /// the two-state chain each trajectory follows (the last residue moves 4 A in state 1).
 fn make_dataset(dir: &Path, frames: &[usize], seed: u64) -> (PathBuf, Vec<Vec<u32>>) {
-    let mut rng = Rng::new(seed);
-    let atoms: Vec<(usize, &str, &str)> = RESIDUES
-        .iter()
-        .enumerate()
-        .flat_map(|(k, (res, names))| names.iter().map(move |n| (k, *res, *n)))
-        .collect();
-    assert_eq!(atoms.len(), ATOMS);
-    let base: Vec<[f64; 3]> = (0..ATOMS)
-        .map(|i| [1.5 * i as f64, (i as f64).sin(), (i as f64 * 0.7).cos()])
-        .collect();
-    let pdb = |pos: &[[f64; 3]]| -> String {
-        let mut out = String::new();
-        for (serial, ((k, res, name), p)) in atoms.iter().zip(pos).enumerate() {
-            out.push_str(&format!(
-                "ATOM  {:>5} {:<4} {res:<3} A{:>4}    {:8.3}{:8.3}{:8.3}  1.00  0.00          {:>2}\n",
-                serial + 1,
-                format!(" {name}"),
-                k + 1,
-                p[0],
-                p[1],
-                p[2],
-                &name[..1],
-            ));
-        }
-        out
-    };
-    let top = dir.join("top.pdb");
-    std::fs::write(&top, pdb(&base) + "END\n").unwrap();
-    let mut trajs = Vec::new();
-    let mut states = Vec::new();
-    for (t, &n) in frames.iter().enumerate() {
-        let st = chain(&mut rng, n);
-        let mut text = String::new();
-        for (m, &s) in st.iter().enumerate() {
-            let pos: Vec<[f64; 3]> = base
-                .iter()
-                .zip(&atoms)
-                .map(|(p, (k, _, _))| {
-                    let shift = if *k == 3 && s == 1 { 4.0 } else { 0.0 };
-                    [
-                        p[0] + shift + 0.2 * rng.normal(),
-                        p[1] + 0.2 * rng.normal(),
-                        p[2] + 0.2 * rng.normal(),
-                    ]
-                })
-                .collect();
-            text.push_str(&format!("MODEL     {:>4}\n", m + 1));
-            text.push_str(&pdb(&pos));
-            text.push_str("ENDMDL\n");
-        }
-        let p = dir.join(format!("traj{t}.pdb"));
-        std::fs::write(&p, text + "END\n").unwrap();
-        trajs.push(p);
-        states.push(st);
-    }
-    let data = dir.join("data");
-    store::import(&ImportOptions {
-        topology: top,
-        trajectories: trajs,
-        out: data.clone(),
-        selection: "heavy".into(),
-        token_map: None,
-        time_step_ps: Some(1.0),
-        max_frames: None,
-        force: false,
-        progress: false,
-    })
-    .unwrap();
-    (data, states)
+    let made = make_peptide(dir, &RESIDUES, frames, seed);
+    assert_eq!(Dataset::open(&made.0).unwrap().natoms(), ATOMS);
+    made
 }
 
 /// A recursive copy of a folder.

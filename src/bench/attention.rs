@@ -4,10 +4,7 @@
 //! stored: quadratic). Values are 4 d_h wide per head, as in the model.
 
 use super::{measure, provenance};
-use crate::ops::eqsdpa::{
-    eqsdpa_backward, eqsdpa_backward_half, eqsdpa_forward, eqsdpa_forward_half, EqsdpaBackwardMode,
-};
-use crate::ops::gemm::HalfFloat;
+use crate::ops::eqsdpa::{EqsdpaBackwardMode, EqsdpaInput};
 use crate::ops::gemm::{gemm_batched, Batch};
 use crate::ops::softmax::{softmax_backward, softmax_forward};
 use crate::testing::Rng;
@@ -59,22 +56,63 @@ pub fn attention(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value> {
         a.tokens > 0 && a.batch > 0 && a.heads > 0,
         "bench attention: empty shape"
     );
-    match a.dtype.as_str() {
-        "f32" => {}
-        "bf16" | "f16" => {
-            ensure!(
-                fused,
-                "--dtype {}: only the fused kernel takes half-precision inputs",
-                a.dtype
-            );
-            return if a.dtype == "bf16" {
-                attention_half::<half::bf16>(a, dev)
-            } else {
-                attention_half::<half::f16>(a, dev)
-            };
-        }
-        o => anyhow::bail!("--dtype: {o:?} is not f32, bf16 or f16"),
+    match (fused, a.dtype.as_str()) {
+        (true, "f32") => fused_attention::<f32>(a, dev),
+        (true, "bf16") => fused_attention::<half::bf16>(a, dev),
+        (true, "f16") => fused_attention::<half::f16>(a, dev),
+        (false, "f32") => materialised(a, dev),
+        (false, "bf16" | "f16") => anyhow::bail!(
+            "--dtype {}: only the fused kernel takes half-precision inputs",
+            a.dtype
+        ),
+        (_, o) => anyhow::bail!("--dtype: {o:?} is not f32, bf16 or f16"),
     }
+}
+
+/// The fused kernel with q, k and values of type T (f32, or bf16 / f16 on the tensor cores).
+fn fused_attention<T: EqsdpaInput>(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value> {
+    let (t, bh, dh, dv) = (a.tokens, a.batch * a.heads, a.dh, 4 * a.dh);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut rng = Rng::new(23);
+    let mut input = |shape: &[usize]| -> Result<Tensor<T>> {
+        let v: Vec<T> = rng
+            .normal_vec(shape.iter().product(), 1.0)
+            .into_iter()
+            .map(T::from_f32)
+            .collect();
+        Tensor::from_slice(dev, shape, &v)
+    };
+    let q = input(&[bh, t, dh])?;
+    let k = input(&[bh, t, dh])?;
+    let v = input(&[bh, t, dv])?;
+    let dout = Tensor::from_slice(dev, &[bh, t, dv], &rng.normal_vec(bh * t * dv, 1.0))?;
+    let m = measure(dev, a.warmup, a.repeats, || {
+        let mut out = Tensor::zeros(dev, &[bh, t, dv])?;
+        let mut lse = Tensor::zeros(dev, &[bh, t])?;
+        T::forward(&q, &k, &v, None, a.heads, scale, &mut out, &mut lse)?;
+        if a.backward {
+            let mut dq = Tensor::zeros(dev, &[bh, t, dh])?;
+            let mut dk = Tensor::zeros(dev, &[bh, t, dh])?;
+            let mut dvv = Tensor::zeros(dev, &[bh, t, dv])?;
+            T::backward(
+                &q,
+                &k,
+                &v,
+                (&out, &lse, &dout),
+                None,
+                a.heads,
+                scale,
+                (&mut dq, &mut dk, &mut dvv),
+                EqsdpaBackwardMode::Deterministic,
+            )?;
+        }
+        Ok(())
+    })?;
+    Ok(row(a, dev, &m))
+}
+
+/// The materialised path (f32): scores, softmax and product as separate ops.
+fn materialised(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value> {
     let (t, bh, dh, dv) = (a.tokens, a.batch * a.heads, a.dh, 4 * a.dh);
     let scale = 1.0 / (dh as f32).sqrt();
     let mut rng = Rng::new(23);
@@ -86,178 +124,88 @@ pub fn attention(a: &AttentionArgs, dev: &Device) -> Result<serde_json::Value> {
     let v = input(&[bh, t, dv])?;
     let dout = input(&[bh, t, dv])?;
     let m = measure(dev, a.warmup, a.repeats, || {
-        if fused {
-            let mut out = Tensor::zeros(dev, &[bh, t, dv])?;
-            let mut lse = Tensor::zeros(dev, &[bh, t])?;
-            eqsdpa_forward(&q, &k, &v, None, a.heads, scale, &mut out, &mut lse)?;
-            if a.backward {
-                let mut dq = Tensor::zeros(dev, &[bh, t, dh])?;
-                let mut dk = Tensor::zeros(dev, &[bh, t, dh])?;
-                let mut dvv = Tensor::zeros(dev, &[bh, t, dv])?;
-                eqsdpa_backward(
-                    &q,
-                    &k,
-                    &v,
-                    &out,
-                    &lse,
-                    &dout,
-                    None,
-                    a.heads,
-                    scale,
-                    &mut dq,
-                    &mut dk,
-                    &mut dvv,
-                    EqsdpaBackwardMode::Deterministic,
-                )?;
-            }
-        } else {
-            let tt = Batch::packed(bh, t, t, dh);
-            let mut s = Tensor::zeros(dev, &[bh, t, t])?;
-            gemm_batched(false, true, t, t, dh, 1.0, &q, &k, 0.0, &mut s, tt)?;
-            let mut p = Tensor::zeros(dev, &[bh, t, t])?;
-            softmax_forward(&s, &mut p, scale, None, t)?;
-            let mut out = Tensor::zeros(dev, &[bh, t, dv])?;
+        let tt = Batch::packed(bh, t, t, dh);
+        let mut s = Tensor::zeros(dev, &[bh, t, t])?;
+        gemm_batched(false, true, t, t, dh, 1.0, &q, &k, 0.0, &mut s, tt)?;
+        let mut p = Tensor::zeros(dev, &[bh, t, t])?;
+        softmax_forward(&s, &mut p, scale, None, t)?;
+        let mut out = Tensor::zeros(dev, &[bh, t, dv])?;
+        gemm_batched(
+            false,
+            false,
+            t,
+            dv,
+            t,
+            1.0,
+            &p,
+            &v,
+            0.0,
+            &mut out,
+            Batch::packed(bh, t, dv, t),
+        )?;
+        if a.backward {
+            let mut dp = Tensor::zeros(dev, &[bh, t, t])?;
             gemm_batched(
                 false,
+                true,
+                t,
+                t,
+                dv,
+                1.0,
+                &dout,
+                &v,
+                0.0,
+                &mut dp,
+                Batch::packed(bh, t, t, dv),
+            )?;
+            let mut ds = Tensor::zeros(dev, &[bh, t, t])?;
+            softmax_backward(&p, &dp, &mut ds, scale)?;
+            let mut dq = Tensor::zeros(dev, &[bh, t, dh])?;
+            gemm_batched(
+                false,
+                false,
+                t,
+                dh,
+                t,
+                1.0,
+                &ds,
+                &k,
+                0.0,
+                &mut dq,
+                Batch::packed(bh, t, dh, t),
+            )?;
+            let mut dk = Tensor::zeros(dev, &[bh, t, dh])?;
+            gemm_batched(
+                true,
+                false,
+                t,
+                dh,
+                t,
+                1.0,
+                &ds,
+                &q,
+                0.0,
+                &mut dk,
+                Batch::packed(bh, t, dh, t),
+            )?;
+            let mut dvv = Tensor::zeros(dev, &[bh, t, dv])?;
+            gemm_batched(
+                true,
                 false,
                 t,
                 dv,
                 t,
                 1.0,
                 &p,
-                &v,
+                &dout,
                 0.0,
-                &mut out,
+                &mut dvv,
                 Batch::packed(bh, t, dv, t),
             )?;
-            if a.backward {
-                let mut dp = Tensor::zeros(dev, &[bh, t, t])?;
-                gemm_batched(
-                    false,
-                    true,
-                    t,
-                    t,
-                    dv,
-                    1.0,
-                    &dout,
-                    &v,
-                    0.0,
-                    &mut dp,
-                    Batch::packed(bh, t, t, dv),
-                )?;
-                let mut ds = Tensor::zeros(dev, &[bh, t, t])?;
-                softmax_backward(&p, &dp, &mut ds, scale)?;
-                let mut dq = Tensor::zeros(dev, &[bh, t, dh])?;
-                gemm_batched(
-                    false,
-                    false,
-                    t,
-                    dh,
-                    t,
-                    1.0,
-                    &ds,
-                    &k,
-                    0.0,
-                    &mut dq,
-                    Batch::packed(bh, t, dh, t),
-                )?;
-                let mut dk = Tensor::zeros(dev, &[bh, t, dh])?;
-                gemm_batched(
-                    true,
-                    false,
-                    t,
-                    dh,
-                    t,
-                    1.0,
-                    &ds,
-                    &q,
-                    0.0,
-                    &mut dk,
-                    Batch::packed(bh, t, dh, t),
-                )?;
-                let mut dvv = Tensor::zeros(dev, &[bh, t, dv])?;
-                gemm_batched(
-                    true,
-                    false,
-                    t,
-                    dv,
-                    t,
-                    1.0,
-                    &p,
-                    &dout,
-                    0.0,
-                    &mut dvv,
-                    Batch::packed(bh, t, dv, t),
-                )?;
-            }
         }
         Ok(())
     })?;
     Ok(row(a, dev, &m))
-}
-
-/// The fused kernel on bf16 or f16 inputs (the tensor-core path).
-fn attention_half<T: HalfFloat + From<HalfOf>>(
-    a: &AttentionArgs,
-    dev: &Device,
-) -> Result<serde_json::Value> {
-    let (t, bh, dh, dv) = (a.tokens, a.batch * a.heads, a.dh, 4 * a.dh);
-    let scale = 1.0 / (dh as f32).sqrt();
-    let mut rng = Rng::new(23);
-    let mut input = |shape: &[usize]| -> Result<Tensor<T>> {
-        let v: Vec<T> = rng
-            .normal_vec(shape.iter().product(), 1.0)
-            .into_iter()
-            .map(|x| T::from(HalfOf(x)))
-            .collect();
-        Tensor::from_slice(dev, shape, &v)
-    };
-    let q = input(&[bh, t, dh])?;
-    let k = input(&[bh, t, dh])?;
-    let v = input(&[bh, t, dv])?;
-    let dout = Tensor::from_slice(dev, &[bh, t, dv], &rng.normal_vec(bh * t * dv, 1.0))?;
-    let m = measure(dev, a.warmup, a.repeats, || {
-        let mut out = Tensor::zeros(dev, &[bh, t, dv])?;
-        let mut lse = Tensor::zeros(dev, &[bh, t])?;
-        eqsdpa_forward_half(&q, &k, &v, None, a.heads, scale, &mut out, &mut lse)?;
-        if a.backward {
-            let mut dq = Tensor::zeros(dev, &[bh, t, dh])?;
-            let mut dk = Tensor::zeros(dev, &[bh, t, dh])?;
-            let mut dvv = Tensor::zeros(dev, &[bh, t, dv])?;
-            eqsdpa_backward_half(
-                &q,
-                &k,
-                &v,
-                &out,
-                &lse,
-                &dout,
-                None,
-                a.heads,
-                scale,
-                &mut dq,
-                &mut dk,
-                &mut dvv,
-                EqsdpaBackwardMode::Deterministic,
-            )?;
-        }
-        Ok(())
-    })?;
-    Ok(row(a, dev, &m))
-}
-
-/// An f32 on its way to a half type (rounded to nearest).
-struct HalfOf(f32);
-
-impl From<HalfOf> for half::bf16 {
-    fn from(x: HalfOf) -> Self {
-        half::bf16::from_f32(x.0)
-    }
-}
-
-impl From<HalfOf> for half::f16 {
-    fn from(x: HalfOf) -> Self {
-        half::f16::from_f32(x.0)
-    }
 }
 
 /// The JSON row of a measured configuration.

@@ -1541,3 +1541,118 @@ pub fn eqsdpa_backward_half<T: HalfFloat>(
         }
     }
 }
+
+/// An element type the fused kernels take for q, k and values: f32 ([`eqsdpa_forward`],
+/// [`eqsdpa_backward`]) or bf16 / f16 on the tensor cores ([`eqsdpa_forward_half`],
+/// [`eqsdpa_backward_half`]). Code that runs the same attention at every precision (the device
+/// check, the benchmark) is generic over it instead of matching on the type.
+pub trait EqsdpaInput: crate::tensor::Element {
+    /// Its name in the kernels' names: `f32`, `bf16` or `f16`.
+    fn name() -> &'static str {
+        match Self::DTYPE {
+            crate::DType::BF16 => "bf16",
+            crate::DType::F16 => "f16",
+            _ => "f32",
+        }
+    }
+
+    /// Rounds an f32 to this type (to nearest).
+    fn from_f32(x: f32) -> Self;
+
+    /// The forward (see the ops).
+    #[allow(clippy::too_many_arguments)] // the op's operands
+    fn forward(
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        values: &Tensor<Self>,
+        mask: Option<&Tensor<u8>>,
+        heads: usize,
+        scale: f32,
+        out: &mut Tensor<f32>,
+        lse: &mut Tensor<f32>,
+    ) -> Result<()>;
+
+    /// The backward (see the ops): `saved` is (out, lse, dout), `grads` (dq, dk, dvalues).
+    #[allow(clippy::too_many_arguments)] // the op's operands and gradients
+    fn backward(
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        values: &Tensor<Self>,
+        saved: (&Tensor<f32>, &Tensor<f32>, &Tensor<f32>),
+        mask: Option<&Tensor<u8>>,
+        heads: usize,
+        scale: f32,
+        grads: (&mut Tensor<f32>, &mut Tensor<f32>, &mut Tensor<f32>),
+        mode: EqsdpaBackwardMode,
+    ) -> Result<()>;
+}
+
+impl EqsdpaInput for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+
+    fn forward(
+        q: &Tensor<f32>,
+        k: &Tensor<f32>,
+        values: &Tensor<f32>,
+        mask: Option<&Tensor<u8>>,
+        heads: usize,
+        scale: f32,
+        out: &mut Tensor<f32>,
+        lse: &mut Tensor<f32>,
+    ) -> Result<()> {
+        eqsdpa_forward(q, k, values, mask, heads, scale, out, lse)
+    }
+
+    fn backward(
+        q: &Tensor<f32>,
+        k: &Tensor<f32>,
+        values: &Tensor<f32>,
+        (out, lse, dout): (&Tensor<f32>, &Tensor<f32>, &Tensor<f32>),
+        mask: Option<&Tensor<u8>>,
+        heads: usize,
+        scale: f32,
+        (dq, dk, dv): (&mut Tensor<f32>, &mut Tensor<f32>, &mut Tensor<f32>),
+        mode: EqsdpaBackwardMode,
+    ) -> Result<()> {
+        eqsdpa_backward(
+            q, k, values, out, lse, dout, mask, heads, scale, dq, dk, dv, mode,
+        )
+    }
+}
+
+impl<T: HalfFloat> EqsdpaInput for T {
+    fn from_f32(x: f32) -> Self {
+        <T as HalfFloat>::from_f32(x)
+    }
+
+    fn forward(
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        values: &Tensor<T>,
+        mask: Option<&Tensor<u8>>,
+        heads: usize,
+        scale: f32,
+        out: &mut Tensor<f32>,
+        lse: &mut Tensor<f32>,
+    ) -> Result<()> {
+        eqsdpa_forward_half(q, k, values, mask, heads, scale, out, lse)
+    }
+
+    fn backward(
+        q: &Tensor<T>,
+        k: &Tensor<T>,
+        values: &Tensor<T>,
+        (out, lse, dout): (&Tensor<f32>, &Tensor<f32>, &Tensor<f32>),
+        mask: Option<&Tensor<u8>>,
+        heads: usize,
+        scale: f32,
+        (dq, dk, dv): (&mut Tensor<f32>, &mut Tensor<f32>, &mut Tensor<f32>),
+        mode: EqsdpaBackwardMode,
+    ) -> Result<()> {
+        eqsdpa_backward_half(
+            q, k, values, out, lse, dout, mask, heads, scale, dq, dk, dv, mode,
+        )
+    }
+}

@@ -756,6 +756,8 @@ pub fn gemm_batched(
 pub trait HalfFloat: Element + sealed_half::Sealed {
     /// Its value as f32 (exact).
     fn to_f32(self) -> f32;
+    /// An f32 rounded to this type (to nearest even).
+    fn from_f32(x: f32) -> Self;
     /// The kernels `gemm_<type>_{nn,nt,tn,tt}`.
     #[doc(hidden)]
     fn kernels() -> &'static [&'static Kernel; 4];
@@ -785,6 +787,9 @@ impl HalfFloat for half::bf16 {
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
     }
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
     fn kernels() -> &'static [&'static Kernel; 4] {
         &BF16_KERNELS
     }
@@ -793,6 +798,9 @@ impl HalfFloat for half::bf16 {
 impl HalfFloat for half::f16 {
     fn to_f32(self) -> f32 {
         half::f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
     }
     fn kernels() -> &'static [&'static Kernel; 4] {
         &F16_KERNELS

@@ -26,11 +26,11 @@
 use super::gemm::{widen, Gather};
 use super::Ctx;
 use crate::nn;
-use crate::ops::eqsdpa::{self as e, EqsdpaBackwardMode as Mode, EqsdpaDims};
-use crate::ops::gemm::{gemm_host, Batch, HalfFloat};
+use crate::ops::eqsdpa::{self as e, EqsdpaBackwardMode as Mode, EqsdpaDims, EqsdpaInput};
+use crate::ops::gemm::{gemm_host, Batch};
 use crate::ops::softmax::{softmax_backward_host, softmax_forward_host};
 use crate::tape::{ParamStore, Tape};
-use crate::{DType, Device, Element, Tensor};
+use crate::{DType, Device, Tensor};
 use anyhow::{Context, Result};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -55,16 +55,16 @@ pub(super) fn eqsdpa(ctx: &mut Ctx) -> Result<()> {
     for dh in [8, 16, 32, 64] {
         for &(frames, heads, t, masked) in f32_shapes(ctx.quick) {
             let c = Case::new(ctx, frames, heads, t, dh, masked, |x| x);
-            fused(ctx, &c, |x| x)?;
+            fused::<f32>(ctx, &c)?;
             materialised_path(ctx, &c)?;
         }
     }
     for dh in [16, 32, 64] {
         for &(frames, heads, t, masked) in half_shapes(ctx.quick) {
             let c = Case::new(ctx, frames, heads, t, dh, masked, round_bf16);
-            fused(ctx, &c, bf16::from_f32)?;
+            fused::<bf16>(ctx, &c)?;
             let c = Case::new(ctx, frames, heads, t, dh, masked, round_f16);
-            fused(ctx, &c, f16::from_f32)?;
+            fused::<f16>(ctx, &c)?;
         }
     }
     Ok(())
@@ -339,108 +339,6 @@ fn rule(g: &mut Gather, what: &str, got: &[f32], mat: &[f32], extra: f64, want: 
     g.add_within(what, got, want, 2.0 * max_err(mat, want) + extra, s);
 }
 
-/// An input type of the fused op: f32 ([`e::eqsdpa_forward`], [`e::eqsdpa_backward`]) or bf16 /
-/// f16 on the tensor cores ([`e::eqsdpa_forward_half`], [`e::eqsdpa_backward_half`]).
-trait Input: Element {
-    /// Its name in the kernels' names.
-    fn name() -> &'static str {
-        match Self::DTYPE {
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            _ => "f32",
-        }
-    }
-
-    /// The forward (see the ops).
-    #[allow(clippy::too_many_arguments)] // the op's operands
-    fn forward(
-        q: &Tensor<Self>,
-        k: &Tensor<Self>,
-        v: &Tensor<Self>,
-        mask: Option<&Tensor<u8>>,
-        heads: usize,
-        scale: f32,
-        out: &mut Tensor<f32>,
-        lse: &mut Tensor<f32>,
-    ) -> Result<()>;
-
-    /// The backward (see the ops): `saved` is (out, lse, dout), `grads` (dq, dk, dvalues).
-    #[allow(clippy::too_many_arguments)] // the op's operands and gradients
-    fn backward(
-        q: &Tensor<Self>,
-        k: &Tensor<Self>,
-        v: &Tensor<Self>,
-        saved: (&Tensor<f32>, &Tensor<f32>, &Tensor<f32>),
-        mask: Option<&Tensor<u8>>,
-        heads: usize,
-        scale: f32,
-        grads: (&mut Tensor<f32>, &mut Tensor<f32>, &mut Tensor<f32>),
-        mode: Mode,
-    ) -> Result<()>;
-}
-
-impl Input for f32 {
-    fn forward(
-        q: &Tensor<f32>,
-        k: &Tensor<f32>,
-        v: &Tensor<f32>,
-        mask: Option<&Tensor<u8>>,
-        heads: usize,
-        scale: f32,
-        out: &mut Tensor<f32>,
-        lse: &mut Tensor<f32>,
-    ) -> Result<()> {
-        e::eqsdpa_forward(q, k, v, mask, heads, scale, out, lse)
-    }
-
-    fn backward(
-        q: &Tensor<f32>,
-        k: &Tensor<f32>,
-        v: &Tensor<f32>,
-        (out, lse, dout): (&Tensor<f32>, &Tensor<f32>, &Tensor<f32>),
-        mask: Option<&Tensor<u8>>,
-        heads: usize,
-        scale: f32,
-        (dq, dk, dv): (&mut Tensor<f32>, &mut Tensor<f32>, &mut Tensor<f32>),
-        mode: Mode,
-    ) -> Result<()> {
-        e::eqsdpa_backward(
-            q, k, v, out, lse, dout, mask, heads, scale, dq, dk, dv, mode,
-        )
-    }
-}
-
-impl<T: HalfFloat> Input for T {
-    fn forward(
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-        mask: Option<&Tensor<u8>>,
-        heads: usize,
-        scale: f32,
-        out: &mut Tensor<f32>,
-        lse: &mut Tensor<f32>,
-    ) -> Result<()> {
-        e::eqsdpa_forward_half(q, k, v, mask, heads, scale, out, lse)
-    }
-
-    fn backward(
-        q: &Tensor<T>,
-        k: &Tensor<T>,
-        v: &Tensor<T>,
-        (out, lse, dout): (&Tensor<f32>, &Tensor<f32>, &Tensor<f32>),
-        mask: Option<&Tensor<u8>>,
-        heads: usize,
-        scale: f32,
-        (dq, dk, dv): (&mut Tensor<f32>, &mut Tensor<f32>, &mut Tensor<f32>),
-        mode: Mode,
-    ) -> Result<()> {
-        e::eqsdpa_backward_half(
-            q, k, v, out, lse, dout, mask, heads, scale, dq, dk, dv, mode,
-        )
-    }
-}
-
 /// A tensor of NaN: an element the device never writes fails.
 fn poisoned(dev: &Device, shape: &[usize]) -> Result<Tensor<f32>> {
     let mut t = Tensor::zeros(dev, shape)?;
@@ -463,11 +361,15 @@ struct Fused {
 impl Fused {
     /// Runs the case on the device, every output poisoned first; `from` converts the (already
     /// rounded) inputs to the input type exactly.
-    fn run<T: Input>(ctx: &Ctx, c: &Case, from: fn(f32) -> T) -> Result<Self> {
+    fn run<T: EqsdpaInput>(ctx: &Ctx, c: &Case) -> Result<Self> {
         let (dev, d) = (&ctx.dev, c.d);
         let (qs, vs) = ([d.bh, d.t, d.dh], [d.bh, d.t, d.dv()]);
         let up = |v: &[f32], s: &[usize]| {
-            Tensor::from_slice(dev, s, &v.iter().map(|&x| from(x)).collect::<Vec<T>>())
+            Tensor::from_slice(
+                dev,
+                s,
+                &v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>(),
+            )
         };
         let (q, k, v) = (up(&c.q, &qs)?, up(&c.k, &qs)?, up(&c.v, &vs)?);
         let dout = Tensor::from_slice(dev, &vs, &c.dout)?;
@@ -516,8 +418,8 @@ impl Fused {
 /// One case on the fused op in the input type `T`: the forward, the deterministic backward and
 /// the atomic one against the reference (three checks); for a masked case, also the reruns that
 /// must repeat every bit.
-fn fused<T: Input>(ctx: &mut Ctx, c: &Case, from: fn(f32) -> T) -> Result<()> {
-    let f = Fused::run(ctx, c, from)?;
+fn fused<T: EqsdpaInput>(ctx: &mut Ctx, c: &Case) -> Result<()> {
+    let f = Fused::run::<T>(ctx, c)?;
     let r = c.reference();
     let m = Materialised::new(c);
     let storage = c.storage_errors(&f.out, &f.lse, &r);
@@ -581,7 +483,7 @@ fn fused<T: Input>(ctx: &mut Ctx, c: &Case, from: fn(f32) -> T) -> Result<()> {
     atomic.record(ctx, format!("{kernels} {name}: dq; dk, dvalues exact"));
 
     if c.mask.is_some() {
-        reruns(ctx, c, from, &f)?;
+        reruns::<T>(ctx, c, &f)?;
     }
     Ok(())
 }
@@ -589,10 +491,10 @@ fn fused<T: Input>(ctx: &mut Ctx, c: &Case, from: fn(f32) -> T) -> Result<()> {
 /// The same bits again (out, lse, deterministic gradients) when two blocks loop over every
 /// (bh, tile) pair (a tile's arithmetic does not depend on the block that runs it), and when the
 /// masked keys' k and values change (their probabilities are exactly 0).
-fn reruns<T: Input>(ctx: &mut Ctx, c: &Case, from: fn(f32) -> T, first: &Fused) -> Result<()> {
+fn reruns<T: EqsdpaInput>(ctx: &mut Ctx, c: &Case, first: &Fused) -> Result<()> {
     let (ty, dh, name) = (T::name(), c.d.dh, c.name());
     e::set_max_blocks(2);
-    let looped = Fused::run(ctx, c, from);
+    let looped = Fused::run::<T>(ctx, c);
     e::set_max_blocks(0);
     let looped = looped?;
     let secs = looped.secs.iter().sum();
@@ -612,7 +514,7 @@ fn reruns<T: Input>(ctx: &mut Ctx, c: &Case, from: fn(f32) -> T, first: &Fused) 
             }
         }
     }
-    let changed = Fused::run(ctx, &c2, from)?;
+    let changed = Fused::run::<T>(ctx, &c2)?;
     let secs = changed.secs.iter().sum();
     let what = format!("eqsdpa {ty} dh{dh} {name}: masked keys' contents change no bit");
     ctx.exact(what, &changed.bits(), &first.bits(), secs);

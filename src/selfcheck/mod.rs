@@ -252,12 +252,9 @@ pub struct Ctx {
 impl Ctx {
     /// A context for one family.
     pub fn new(dev: Device, seed: u64, family: &str, quick: bool) -> Self {
-        let h = family.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
         Self {
             dev,
-            rng: Rng::new(seed ^ h),
+            rng: Rng::for_name(seed, family),
             quick,
             outcomes: Vec::new(),
             echo: true,
@@ -478,7 +475,9 @@ fn find(name: &str) -> Result<&'static Family> {
 }
 
 /// Runs family `name` in a child process of this executable, with a time limit.
-fn run_child(family: &Family, opts: &Options, seed: u64) -> FamilyReport {
+/// `device` is the opened device's name, so a parent run with `--device auto` gives its
+/// children the device it chose rather than letting each choose again.
+fn run_child(family: &Family, opts: &Options, device: &str, seed: u64) -> FamilyReport {
     let start = Instant::now();
     let fail = |error: String, checks: Vec<Outcome>| FamilyReport {
         family: family.name.into(),
@@ -494,7 +493,7 @@ fn run_child(family: &Family, opts: &Options, seed: u64) -> FamilyReport {
     };
     let mut cmd = Command::new(exe);
     cmd.arg("--device")
-        .arg(opts.device.to_string())
+        .arg(device)
         .args(["selfcheck", "--child", "--family", family.name])
         .arg("--seed")
         .arg(seed.to_string());
@@ -590,11 +589,18 @@ pub fn run(opts: &Options) -> Result<Report> {
             .collect::<Result<_>>()?
     };
     // Open once here: a device that cannot be opened is one clear error, not one per family.
+    // The children open their own; the parent keeps its handle only to run families in
+    // process (a second CUDA context would hold GPU memory for nothing, and a GPU in
+    // exclusive-process mode would refuse the children).
     let dev = Device::open(opts.device)?;
+    let resolved = dev.name();
+    // Kernel coverage is judged on the device actually opened (`auto` may mean cpu).
+    let cpu = matches!(dev, Device::Cpu);
     let device = match &dev {
         Device::Cuda(d) => format!("{} ({})", dev.name(), d.info().name),
         _ => dev.name(),
     };
+    let dev = opts.in_process.then_some(dev);
     eprintln!(
         "selfcheck on {device}: {} families, seed {seed} (--seed {seed} replays the inputs){}",
         families.len(),
@@ -603,10 +609,10 @@ pub fn run(opts: &Options) -> Result<Report> {
     let mut reports = Vec::new();
     for f in &families {
         eprintln!("{}:", f.name);
-        let r = if opts.in_process {
-            run_family(f, &dev, seed, opts.quick)
+        let r = if let Some(dev) = &dev {
+            run_family(f, dev, seed, opts.quick)
         } else {
-            run_child(f, opts, seed)
+            run_child(f, opts, &resolved, seed)
         };
         if let Some(e) = &r.error {
             if !opts.in_process {
@@ -615,8 +621,6 @@ pub fn run(opts: &Options) -> Result<Report> {
         }
         reports.push(r);
     }
-    drop(dev);
-    let cpu = matches!(opts.device, DeviceSpec::Cpu);
     let launched: std::collections::BTreeSet<&str> = reports
         .iter()
         .flat_map(|r| r.kernels.iter().map(String::as_str))

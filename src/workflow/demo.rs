@@ -208,10 +208,18 @@ pub fn run_demo(args: &DemoArgs, device: &Device) -> Result<DemoSummary> {
         src.display()
     );
     let out = &args.out;
+    // The demo rewrites its own folder (a previous demo's, even one cut short) and nothing
+    // else: a folder holding anything the demo did not write is refused, as is one that
+    // overlaps the demo's data.
+    crate::output::check_in_place(out, crate::output::OutputKind::Demo, &[("demo data", &src)])?;
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::output::write_atomic(
+        &out.join(crate::output::DEMO_MARKER),
+        b"# Written by `hiermd demo`: this folder is the demo's, and the next demo replaces it.\n",
+    )?;
     let mut seconds = Vec::new();
     let mut clock = Instant::now();
     let mut lap = |name: &str, seconds: &mut Vec<(String, f64)>| {

@@ -21,8 +21,20 @@ pub fn tmpdir(prefix: &str, name: &str) -> PathBuf {
 
 /// A two-state system (as tests/workflow.rs): the last residue sits 4 A further out in state 1.
 pub fn make_data(dir: &Path, frames: &[usize], seed: u64) -> PathBuf {
+    make_peptide(dir, &RESIDUES, frames, seed).0
+}
+
+/// As [`make_data`] with other residues (the fourth one moves), and the state (0 or 1) of every
+/// frame of every trajectory.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn make_peptide(
+    dir: &Path,
+    residues: &[(&str, &[&str])],
+    frames: &[usize],
+    seed: u64,
+) -> (PathBuf, Vec<Vec<u32>>) {
     let mut rng = Rng::new(seed);
-    let atoms: Vec<(usize, &str, &str)> = RESIDUES
+    let atoms: Vec<(usize, &str, &str)> = residues
         .iter()
         .enumerate()
         .flat_map(|(k, (res, names))| names.iter().map(move |n| (k, *res, *n)))
@@ -49,13 +61,16 @@ pub fn make_data(dir: &Path, frames: &[usize], seed: u64) -> PathBuf {
     let top = dir.join("top.pdb");
     std::fs::write(&top, pdb(&base) + "END\n").unwrap();
     let mut trajs = Vec::new();
+    let mut states = Vec::new();
     for (t, &n) in frames.iter().enumerate() {
         let mut s = 0;
         let mut text = String::new();
+        let mut st = Vec::with_capacity(n);
         for m in 0..n {
             if rng.uniform() > 0.95 {
                 s = 1 - s;
             }
+            st.push(s);
             let pos: Vec<[f64; 3]> = base
                 .iter()
                 .zip(&atoms)
@@ -71,6 +86,7 @@ pub fn make_data(dir: &Path, frames: &[usize], seed: u64) -> PathBuf {
         let p = dir.join(format!("traj{t}.pdb"));
         std::fs::write(&p, text + "END\n").unwrap();
         trajs.push(p);
+        states.push(st);
     }
     let data = dir.join("data");
     store::import(&ImportOptions {
@@ -85,5 +101,5 @@ pub fn make_data(dir: &Path, frames: &[usize], seed: u64) -> PathBuf {
         progress: false,
     })
     .unwrap();
-    data
+    (data, states)
 }
