@@ -339,6 +339,9 @@ pub enum OutputKind {
     /// `hiermd demo`: the marker [`DEMO_MARKER`] (written first), and nothing but the entries
     /// the demo writes ([`DEMO_ENTRIES`]).
     Demo,
+    /// `hiermd analyze`: an `analysis.json` with a `headline` and its `figures`; the folder holds
+    /// those pictures (SVG and PNG), `index.html`, `states.npy` and `attention/`.
+    Analysis,
 }
 
 /// The file `hiermd demo` writes first in its folder, so that a demo cut short is still known.
@@ -366,6 +369,7 @@ impl OutputKind {
             Self::Run => "training run",
             Self::PretrainRun => "pretraining run",
             Self::Demo => "demo folder",
+            Self::Analysis => "analysis folder",
         }
     }
 
@@ -378,6 +382,7 @@ impl OutputKind {
             Self::Run => "train",
             Self::PretrainRun => "pretrain",
             Self::Demo => "demo",
+            Self::Analysis => "analysis",
         }
     }
 }
@@ -452,8 +457,32 @@ pub fn recognise(dir: &Path) -> Option<OutputKind> {
     if names.iter().any(|n| numbered(n, "feat", "npy")) && names.iter().all(npy) {
         return Some(OutputKind::NpyFeatures);
     }
+    if analysis_figures(dir).is_some() {
+        return Some(OutputKind::Analysis);
+    }
     // A demo folder, also one whose run was cut short: its marker (written first).
     read_marker(&dir.join(DEMO_MARKER)).map(|_| OutputKind::Demo)
+}
+
+/// The top-level names of the pictures an analysis folder's `analysis.json` lists (SVGs, each
+/// with its PNG twin), or None if `dir` has no `analysis.json` of `hiermd analyze`.
+fn analysis_figures(dir: &Path) -> Option<Vec<String>> {
+    let text = read_marker(&dir.join("analysis.json"))?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json.get("headline")?.as_str()?;
+    let figures = json.get("figures")?.as_array()?;
+    let mut names = Vec::new();
+    for f in figures {
+        let name = Path::new(f.as_str()?)
+            .file_name()?
+            .to_string_lossy()
+            .into_owned();
+        if let Some(stem) = name.strip_suffix(".svg") {
+            names.push(format!("{stem}.png"));
+        }
+        names.push(name);
+    }
+    Some(names)
 }
 
 /// The top-level names a manifest's `file` entries (and `atom_table`) point at.
@@ -487,6 +516,10 @@ pub fn foreign_entries(dir: &Path, kind: OutputKind) -> Vec<String> {
         OutputKind::Dataset | OutputKind::FeatureStore => manifest_files(dir),
         _ => Vec::new(),
     };
+    let figures = match kind {
+        OutputKind::Analysis => analysis_figures(dir).unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let known = |n: &str| -> bool {
         match kind {
             OutputKind::Dataset | OutputKind::FeatureStore => {
@@ -513,12 +546,26 @@ pub fn foreign_entries(dir: &Path, kind: OutputKind) -> Vec<String> {
             ]
             .contains(&n),
             OutputKind::Demo => DEMO_ENTRIES.contains(&n),
+            OutputKind::Analysis => {
+                ["analysis.json", "index.html", "states.npy", "attention"].contains(&n)
+                    || figures.iter().any(|f| f == n)
+            }
         }
     };
-    entry_names(dir)
+    let mut foreign: Vec<String> = entry_names(dir)
         .into_iter()
         .filter(|n| !known(n) && parse_temp(n).is_none())
-        .collect()
+        .collect();
+    if kind == OutputKind::Analysis {
+        // The attention maps sit one level down; anything else there is not ours either.
+        foreign.extend(
+            entry_names(&dir.join("attention"))
+                .into_iter()
+                .filter(|n| !figures.iter().any(|f| f == n))
+                .map(|n| format!("attention/{n}")),
+        );
+    }
+    foreign
 }
 
 /// Up to five names, for messages.

@@ -534,6 +534,9 @@ fn pretrain_args(ds: &Path, out: &Path, epochs: u64) -> PretrainArgs {
         config: None,
         epochs,
         batch: Some(4),
+        stride: None,
+        max_frames: None,
+        max_steps: None,
         lr: Some(3e-3),
         weight_decay: None,
         sigma: None,
@@ -667,6 +670,94 @@ fn pretrain_learns_and_resumes_bit_identically() {
         l < first,
         "starting from the pretrained model: {l} vs fresh {first}"
     );
+}
+
+#[test]
+fn pretrain_stride_max_frames_max_steps_and_the_file_seed() {
+    // Issue 22: a large dataset can be pretrained on a subset for a bounded number of steps;
+    // the batch follows the atoms per frame; the configuration file's seed is kept unless
+    // --seed is given.
+    let dir = tmpdir("subset");
+    let ds = dataset(&dir, "ds", &[30, 30], 6);
+    let cfg = dir.join("atom.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let out = dir.join("run");
+    let run = run_ok(
+        bin()
+            .args([
+                "--device", "cpu", "pretrain", "--epochs", "5", "--stride", "2",
+            ])
+            .args([
+                "--max-frames",
+                "6",
+                "--max-steps",
+                "3",
+                "--batch",
+                "4",
+                "--data",
+            ])
+            .arg(ds.dir())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out),
+    );
+    let err = String::from_utf8_lossy(&run.stderr);
+    // 2 x 15 strided frames, 12 of them training (val fraction 0.2): 6 kept, evenly spaced.
+    assert!(
+        err.contains("6 training and 2 validation frames (stride 2, at most 6 for training)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stopped after 3 steps (--max-steps), in epoch 2"),
+        "{err}"
+    );
+    let m = metrics(&out);
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert_eq!(m[1]["steps"].as_u64(), Some(3));
+    let (model, _) = AtomModel::load(&out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(model.config(), &tiny_config(3), "the file's seed 3 is kept");
+    // The default batch: small frames, 8 of them.
+    let out2 = dir.join("run2");
+    let run = run_ok(
+        bin()
+            .args([
+                "--device",
+                "cpu",
+                "pretrain",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "1",
+            ])
+            .arg("--data")
+            .arg(ds.dir())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out2),
+    );
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("batch 8 frames") && err.contains("16384 atoms"),
+        "{err}"
+    );
+    for bad in [
+        ["--stride", "0"],
+        ["--max-frames", "0"],
+        ["--max-steps", "0"],
+    ] {
+        let o = bin()
+            .args(["--device", "cpu", "pretrain", bad[0], bad[1], "--data"])
+            .arg(ds.dir())
+            .arg("--out")
+            .arg(dir.join("bad"))
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(bad[0]), "{e}");
+    }
 }
 
 #[test]

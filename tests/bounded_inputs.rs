@@ -635,6 +635,60 @@ fn implausible_headers_are_refused_or_warned() {
     );
     let ds = Dataset::open(&d.join("ds4")).unwrap();
     assert_eq!(ds.manifest.time_step_ps, None);
+    // Issue 22: a CHARMM DCD's DELTA is in AKMA units (1 AKMA = 0.04888821 ps, as MDAnalysis),
+    // said so in `info`; ISTART 20 with NSAVC 10 puts frame 0 at frame offset 2. `--dt` sets
+    // the step and keeps that offset: frame 0 at 2 dt, not at the file's own first time.
+    let spec = DcdSpec {
+        charmm: true,
+        istart: 20,
+        nsavc: 10,
+        delta: 2.0,
+        ..DcdSpec::default()
+    };
+    d.write("akma.dcd", &dcd_bytes(&spec, n, &dcd_frames));
+    let import = |out: &str, extra: &[&str]| {
+        let mut a = vec![
+            "import", "--top", "top.pdb", "--traj", "akma.dcd", "--out", out, "--select", "all",
+        ];
+        a.extend_from_slice(extra);
+        let r = hiermd(&d.0, &a, QUICK);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        Dataset::open(&d.join(out)).unwrap()
+    };
+    let akma_ps = 0.04888821;
+    let ds = import("ds6", &[]);
+    let t = &ds.manifest.trajectories[0];
+    let step = 2.0 * 10.0 * akma_ps;
+    assert!(
+        (t.time_step_ps.unwrap() - step).abs() < 1e-6 * step,
+        "{t:?}"
+    );
+    assert!(
+        (t.first_time_ps.unwrap() - 2.0 * step).abs() < 1e-6 * step,
+        "{t:?}"
+    );
+    let src = t.time_source.as_deref().unwrap_or_default();
+    assert!(
+        src.contains("DELTA 2 AKMA x NSAVC 10") && src.contains("ISTART 20"),
+        "{src}"
+    );
+    let info = hiermd(&d.0, &["info", "ds6"], QUICK);
+    assert!(info.stdout.contains("AKMA"), "{}", info.stdout);
+    let ds = import("ds7", &["--dt", "5"]);
+    let t = &ds.manifest.trajectories[0];
+    assert_eq!(t.time_step_ps, Some(5.0));
+    assert_eq!(
+        t.first_time_ps,
+        Some(10.0),
+        "frame offset 2 at 5 ps a frame"
+    );
+    assert!(
+        t.time_source
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("--dt 5 ps (the file said"),
+        "{t:?}"
+    );
     // A PSF mass of "abc": an error naming the line, the atom and the field.
     d.write(
         "abc.psf",

@@ -567,6 +567,54 @@ fn runs_are_replaced_only_whole_and_transform_never_overwrites() {
     for p in &stale {
         assert!(!p.exists(), "{} was left", p.display());
     }
+
+    // analyze: writes only a new folder or its own earlier analysis, never over the run.
+    let analyze = |out: Option<&Path>| {
+        let mut a: Vec<&std::ffi::OsStr> = vec![
+            "analyze".as_ref(),
+            run.as_os_str(),
+            "--attention-frames".as_ref(),
+            "4".as_ref(),
+            // The fixture's trajectories are short: lags that fit their validation parts.
+            "--lags".as_ref(),
+            "1,2".as_ref(),
+        ];
+        if let Some(o) = out {
+            a.extend(["--out".as_ref(), o.as_os_str()]);
+        }
+        hiermd(&a)
+    };
+    let before = snapshot(&run);
+    fails(&analyze(Some(&run)), &["contains the input"]);
+    fails(&analyze(Some(&dir.join("data"))), &["dataset"]);
+    assert_eq!(snapshot(&run), before);
+    let mine = dir.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("thesis.tex"), "years of work").unwrap();
+    fails(
+        &analyze(Some(&mine)),
+        &["thesis.tex", "not a hiermd analysis folder"],
+    );
+    assert_eq!(names(&mine), ["thesis.tex"]);
+    succeeds(&analyze(None));
+    let a = run.join("analysis");
+    assert!(a.join("analysis.json").is_file() && a.join("index.html").is_file());
+    let json = std::fs::read_to_string(a.join("analysis.json")).unwrap();
+    assert!(
+        !json.contains(".analysis-"),
+        "figures are named where they end up"
+    );
+    // Again: the earlier analysis is replaced whole; a user's file in it stops the replacement.
+    succeeds(&analyze(None));
+    std::fs::write(a.join("notes.md"), "mine").unwrap();
+    let kept = snapshot(&a);
+    fails(&analyze(None), &["notes.md"]);
+    assert_eq!(snapshot(&a), kept);
+    assert!(
+        names(&run).iter().all(|n| !n.starts_with('.')),
+        "{:?}",
+        names(&run)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

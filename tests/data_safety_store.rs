@@ -400,6 +400,33 @@ fn manifest_paths_outside_the_folder_are_refused() {
             "not a path inside the folder",
         ],
     );
+
+    // A plain manifest entry that is a symbolic link leading out of the folder (to the same
+    // valid file), or to a device: refused although the name itself is inside.
+    #[cfg(unix)]
+    {
+        let linked = dir.join("linked");
+        copy_dir(&data, &linked);
+        std::fs::remove_file(linked.join("traj-0000.hmdt")).unwrap();
+        std::os::unix::fs::symlink(&target, linked.join("traj-0000.hmdt")).unwrap();
+        let want = ["traj-0000.hmdt", "outside the folder"];
+        fails(hiermd(&[OsStr::new("info"), linked.as_os_str()]), &want);
+        fails(hiermd(&[OsStr::new("verify"), linked.as_os_str()]), &want);
+        let dev = dir.join("dev");
+        copy_dir(&data, &dev);
+        std::fs::remove_file(dev.join("atoms.tsv")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dev.join("atoms.tsv")).unwrap();
+        fails(
+            hiermd(&[OsStr::new("info"), dev.as_os_str()]),
+            &["atoms.tsv", "refused"],
+        );
+        // A link that stays inside the folder is fine.
+        let inner = dir.join("inner");
+        copy_dir(&data, &inner);
+        std::fs::rename(inner.join("traj-0000.hmdt"), inner.join("real.hmdt")).unwrap();
+        std::os::unix::fs::symlink("real.hmdt", inner.join("traj-0000.hmdt")).unwrap();
+        Dataset::open(&inner).expect("a link inside the folder is accepted");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

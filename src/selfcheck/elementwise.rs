@@ -8,7 +8,7 @@ use crate::ops::elementwise as ew;
 use crate::ops::reduce::{self as rd, RowReduce};
 use crate::ops::softmax as sm;
 use crate::optim::{self as op, Decay, OptimConfig, Optimizer, Schedule, StepReport, UpdateStep};
-use crate::testing::Rng;
+use crate::testing::{AdamRounding, Rng};
 use crate::{Device, Tensor};
 use anyhow::Result;
 
@@ -669,11 +669,14 @@ fn update64(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], s: &UpdateSt
 /// Records the parameters and moments after `steps` steps against the f64 reference, with the
 /// tolerances of tests/optim.rs: each step adds a few ulps of |p| and of the update (|update| <=
 /// ~lr), so the parameters' grow with the steps (k 1e-7 + k 3e-7 rel); m and v 1e-7 + 2e-6 rel.
+/// `rounding`: for Adam, twice the first-order bounds of [`AdamRounding`] on top (the
+/// cancellation of coupled L2 decay; see there).
 fn compare_state(
     ctx: &mut Ctx,
     what: &str,
     got: [Vec<f32>; 3],
     want: [Vec<f64>; 3],
+    rounding: Option<&AdamRounding>,
     steps: usize,
     s: f64,
 ) {
@@ -683,8 +686,20 @@ fn compare_state(
         Tol::new(1e-7, 2e-6),
         Tol::new(1e-7, 2e-6),
     ];
+    let twice = |b: &[f64]| b.iter().map(|x| 2.0 * x).collect::<Vec<f64>>();
+    let extra: [Vec<f64>; 3] = match rounding {
+        Some(r) => [twice(&r.p), twice(&r.m), twice(&r.v)],
+        None => Default::default(),
+    };
     for (i, part) in ["param", "m", "v"].into_iter().enumerate() {
-        ctx.compare(format!("{what} {part}"), &got[i], &want[i], tols[i], s);
+        ctx.compare_each(
+            format!("{what} {part}"),
+            &got[i],
+            &want[i],
+            tols[i],
+            &extra[i],
+            s,
+        );
     }
 }
 
@@ -742,6 +757,8 @@ pub(super) fn optim(ctx: &mut Ctx) -> Result<()> {
         let mut m64: Vec<Vec<f64>> = lens.iter().map(|&n| vec![0.0; n]).collect();
         let mut v64 = m64.clone();
         let mut norms = Vec::new();
+        let mut rounding: Vec<AdamRounding> = lens.iter().map(|&n| AdamRounding::new(n)).collect();
+        let mut adam = false;
         for (t, step) in grads.iter().enumerate() {
             let g64: Vec<Vec<f64>> = step.iter().map(|g| to64(g)).collect();
             let norm = g64.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
@@ -750,12 +767,21 @@ pub(super) fn optim(ctx: &mut Ctx) -> Result<()> {
             let lr = config.schedule.lr(config.lr, t as u64);
             let s = UpdateStep::new(&config, lr, t as u64 + 1, scale);
             for i in 0..lens.len() {
+                if let UpdateStep::Adam(a) = &s {
+                    adam = true;
+                    rounding[i].step(&p64[i], &g64[i], &m64[i], &v64[i], a);
+                }
                 update64(&mut p64[i], &g64[i], &mut m64[i], &mut v64[i], &s);
             }
         }
         let want = [p64, m64, v64].map(|t| t.concat());
+        let rounding = adam.then(|| AdamRounding {
+            p: rounding.iter().flat_map(|r| r.p.iter().copied()).collect(),
+            m: rounding.iter().flat_map(|r| r.m.iter().copied()).collect(),
+            v: rounding.iter().flat_map(|r| r.v.iter().copied()).collect(),
+        });
         let what = format!("optim {name} {steps} steps");
-        compare_state(ctx, &what, got, want, steps, secs);
+        compare_state(ctx, &what, got, want, rounding.as_ref(), steps, secs);
         let got_norms: Vec<f64> = reports.iter().map(|r| r.grad_norm).collect();
         ctx.compare(
             format!("{what} grad norms"),
@@ -840,6 +866,8 @@ fn update_grid_wrap(ctx: &mut Ctx) -> Result<()> {
         let mut p64 = to64(&p0);
         let (mut m64, mut v64) = (vec![0.0; n], vec![0.0; n]);
         let mut secs = 0.0;
+        let mut rounding = AdamRounding::new(n);
+        let mut adam = false;
         for (t, g) in grads.iter().enumerate() {
             // A clip factor below 1, as `grad_scale` carries it.
             let s = UpdateStep::new(&config, config.lr, t as u64 + 1, 0.8);
@@ -847,7 +875,12 @@ fn update_grid_wrap(ctx: &mut Ctx) -> Result<()> {
             secs += ctx
                 .timed(|_| op::apply_update(&mut p, &gt, &mut m, &mut v, &s))?
                 .1;
-            update64(&mut p64, &to64(g), &mut m64, &mut v64, &s);
+            let g64 = to64(g);
+            if let UpdateStep::Adam(a) = &s {
+                adam = true;
+                rounding.step(&p64, &g64, &m64, &v64, a);
+            }
+            update64(&mut p64, &g64, &mut m64, &mut v64, &s);
         }
         let got = [p.to_vec()?, m.to_vec()?, v.to_vec()?];
         compare_state(
@@ -855,6 +888,7 @@ fn update_grid_wrap(ctx: &mut Ctx) -> Result<()> {
             &format!("optim {name} n={n} 2 steps"),
             got,
             [p64, m64, v64],
+            adam.then_some(&rounding),
             2,
             secs,
         );

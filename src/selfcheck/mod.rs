@@ -189,6 +189,18 @@ impl Outcome {
 
 /// Compares `got` with `want` element by element.
 pub fn compare(name: impl Into<String>, got: &[f64], want: &[f64], tol: Tol) -> Outcome {
+    compare_each(name, got, want, tol, &[])
+}
+
+/// Compares `got` with `want` element by element, element `i` allowed `extra[i]` beyond `tol`
+/// (a bound that follows the element's own numerics; `extra` empty: none).
+pub fn compare_each(
+    name: impl Into<String>,
+    got: &[f64],
+    want: &[f64],
+    tol: Tol,
+    extra: &[f64],
+) -> Outcome {
     let mut o = Outcome {
         name: name.into(),
         max_err: 0.0,
@@ -207,7 +219,7 @@ pub fn compare(name: impl Into<String>, got: &[f64], want: &[f64], tol: Tol) -> 
     }
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        let bound = tol.abs + tol.rel * w.abs();
+        let bound = tol.abs + tol.rel * w.abs() + extra.get(i).copied().unwrap_or(0.0);
         // NaN compares false everywhere: count it as a failure explicitly.
         let ratio = if err.is_nan() || !w.is_finite() && g != w {
             f64::INFINITY
@@ -281,6 +293,22 @@ impl Ctx {
     ) -> bool {
         let got: Vec<f64> = got.iter().map(|&v| v.into()).collect();
         let mut o = compare(name, &got, want, tol);
+        o.seconds = seconds;
+        self.push(o)
+    }
+
+    /// As [`compare`](Self::compare), element `i` allowed `extra[i]` beyond `tol`.
+    pub fn compare_each<T: Copy + Into<f64>>(
+        &mut self,
+        name: impl Into<String>,
+        got: &[T],
+        want: &[f64],
+        tol: Tol,
+        extra: &[f64],
+        seconds: f64,
+    ) -> bool {
+        let got: Vec<f64> = got.iter().map(|&v| v.into()).collect();
+        let mut o = compare_each(name, &got, want, tol, extra);
         o.seconds = seconds;
         self.push(o)
     }

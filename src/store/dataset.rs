@@ -398,7 +398,26 @@ pub(crate) fn confined(dir: &Path, rel: &str, field: &str) -> Result<PathBuf> {
          `..` are allowed): refused",
         dir.join("manifest.toml").display()
     );
-    Ok(dir.join(p))
+    let path = dir.join(p);
+    // A symbolic link inside the folder could still lead out of it (or to a device such as
+    // /dev/zero): hiermd writes no links, so where one resolves outside the folder, or to
+    // something other than a plain file, it is refused.
+    if let (Ok(target), Ok(root)) = (path.canonicalize(), dir.canonicalize()) {
+        ensure!(
+            target.starts_with(&root),
+            "{}: {field} = {rel:?} is a link to {}, outside the folder: refused",
+            dir.join("manifest.toml").display(),
+            target.display()
+        );
+        let meta = std::fs::metadata(&target)
+            .with_context(|| format!("{}: reading its metadata", target.display()))?;
+        ensure!(
+            meta.is_file(),
+            "{}: {field} = {rel:?} is not a plain file: refused",
+            dir.join("manifest.toml").display()
+        );
+    }
+    Ok(path)
 }
 
 /// Checks the atom table `atoms` (read from `path`) against the manifest: row count, and every

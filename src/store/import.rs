@@ -380,9 +380,30 @@ fn import_trajectory(
             times.clear();
         }
     }
+    let mut time_source = if has_time { reader.time_source() } else { None };
     if let Some(dt) = opts.time_step_ps {
-        // An explicit time step wins: times start at the file's first time, or 0.
-        let t0 = if has_time { times[0] } else { 0.0 };
+        // An explicit time step wins, for the first frame's time too: a file that starts at
+        // frame offset k (a DCD's ISTART / NSAVC, an XTC that starts at 1000 ps) starts at k dt,
+        // so that the times stay the file's own frame counts in the new unit.
+        let file_dt = (has_time && n > 1).then(|| times[1] - times[0]);
+        let t0 = match file_dt {
+            Some(fd) if crate::traj::plausible_time_step(fd) => {
+                let k = times[0] / fd;
+                if (k - k.round()).abs() < 1e-6 {
+                    k.round() * dt
+                } else {
+                    k * dt
+                }
+            }
+            _ => 0.0,
+        };
+        time_source = Some(match file_dt {
+            Some(fd) => format!(
+                "--dt {dt} ps (the file said {fd} ps per frame{})",
+                time_source.map(|s| format!("; {s}")).unwrap_or_default()
+            ),
+            None => format!("--dt {dt} ps"),
+        });
         times = (0..n).map(|k| t0 + dt * k as f64).collect();
         has_time = true;
     }
@@ -434,5 +455,6 @@ fn import_trajectory(
         first_time_ps: times.first().copied(),
         time_step_ps,
         payload_xxh3: Some(super::verify::xxh3_hex(payload.digest())),
+        time_source,
     })
 }

@@ -111,6 +111,10 @@ pub struct TrajectoryEntry {
     /// checksums were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_xxh3: Option<String>,
+    /// Where the times come from, with their unit (a DCD's DELTA in AKMA units x NSAVC, an
+    /// XTC's stored times, `--dt`); absent in older datasets and for files without times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_source: Option<String>,
 }
 
 /// A human-readable summary of a dataset, for `hiermd info`.
@@ -148,14 +152,20 @@ pub fn describe(ds: &Dataset) -> String {
         bytes += size;
         let _ = writeln!(
             s,
-            "  [{i}] {} frames{}{} <- {}",
+            "  [{i}] {} frames{}{}{} <- {}",
             t.frames,
             if t.has_box { ", box" } else { "" },
             t.first_time_ps
                 .map(|t0| format!(", from {t0} ps"))
                 .unwrap_or_default(),
+            t.time_step_ps
+                .map(|d| format!(" every {d} ps"))
+                .unwrap_or_default(),
             t.source.path
         );
+        if let Some(src) = &t.time_source {
+            let _ = writeln!(s, "       times: {src}");
+        }
     }
     let _ = writeln!(s, "size         {:.1} MB", bytes as f64 / 1e6);
     s

@@ -442,4 +442,17 @@ impl TrajectoryReader for DcdReader {
     fn take_warnings(&mut self) -> Vec<String> {
         std::mem::take(&mut self.warnings)
     }
+    fn time_source(&self) -> Option<String> {
+        let h = &self.header;
+        (self.timed && h.nsavc != 0).then(|| {
+            format!(
+                "DCD header: DELTA {} AKMA x NSAVC {} = {} ps per frame (1 AKMA = {AKMA_PS} ps, \
+                 as MDAnalysis), first frame at step ISTART {}",
+                h.delta_akma,
+                h.nsavc,
+                h.delta_akma * AKMA_PS * h.nsavc as f64,
+                h.istart
+            )
+        })
+    }
 }

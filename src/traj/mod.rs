@@ -132,6 +132,11 @@ pub trait TrajectoryReader: Send {
     fn take_warnings(&mut self) -> Vec<String> {
         Vec::new()
     }
+    /// Where the frame times come from, in words with their unit, for `hiermd info` (e.g. a
+    /// DCD's DELTA in AKMA units times NSAVC); None when the file has no times.
+    fn time_source(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Shortest time between saved frames taken as real, in ps: one attosecond, a thousandth of the

@@ -294,4 +294,7 @@ impl TrajectoryReader for TrrReader {
     fn take_warnings(&mut self) -> Vec<String> {
         std::mem::take(&mut self.warnings)
     }
+    fn time_source(&self) -> Option<String> {
+        Some("TRR: each frame's stored time (ps)".into())
+    }
 }

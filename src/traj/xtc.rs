@@ -525,4 +525,7 @@ impl TrajectoryReader for XtcReader {
     fn take_warnings(&mut self) -> Vec<String> {
         std::mem::take(&mut self.warnings)
     }
+    fn time_source(&self) -> Option<String> {
+        Some("XTC: each frame's stored time (ps)".into())
+    }
 }

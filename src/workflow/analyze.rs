@@ -13,12 +13,13 @@
 //! and stored in `analysis.json`, and the headline always gives both timescales.
 
 use super::config::{ObjectiveKind, SplitKind};
-use super::run::Run;
+use super::run::{files, Run};
 use crate::analysis::checks::{check_states, singular_value_timescale, Consistency};
 use crate::analysis::msm::{ck_test, implied_timescales_lenient, Msm};
 use crate::analysis::states::{assign_vamp_states, fit_vamp, Rejected, StateOptions};
 use crate::model::token_labels;
 use crate::objectives::vamp::{vamp_score, VampModel, VampOptions, VampScore};
+use crate::output::{DirOutput, OutputKind};
 use crate::plot::{category_color, Heatmap, LinePlot, ScatterPlot, Series};
 use crate::store::{Lag, LaggedPairs, PairIndex, Split};
 use crate::Device;
@@ -166,9 +167,22 @@ pub fn analyze_with(
     states: &StateOptions,
 ) -> Result<AnalysisSummary> {
     let mut run = Run::open(run_dir, device)?;
-    let out_dir = opts.out.clone().unwrap_or_else(|| run_dir.join("analysis"));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let final_dir = opts.out.clone().unwrap_or_else(|| run_dir.join("analysis"));
     let ds = run.net.ds.clone();
+    // The analysis is built beside its folder and swapped in whole: an earlier analysis is
+    // replaced (it is hiermd's and can be made again), anything else is refused, and the run's
+    // own files and the dataset are never written over (the default, RUN/analysis, is inside
+    // the run but overlaps none of its files).
+    let run_files: Vec<(&str, PathBuf)> = vec![
+        ("run configuration", run_dir.join(files::CONFIG)),
+        ("model", run_dir.join(files::MODEL)),
+        ("best model", run_dir.join(files::BEST)),
+        ("checkpoints", run_dir.join("checkpoints")),
+        ("dataset", ds.dir().to_path_buf()),
+    ];
+    let inputs: Vec<(&str, &Path)> = run_files.iter().map(|(w, p)| (*w, p.as_path())).collect();
+    let mut output = DirOutput::check(&final_dir, OutputKind::Analysis, true, &inputs)?;
+    let out_dir = output.begin()?.to_path_buf();
     let cfg = run.config.clone();
     let dt = ds.manifest.time_step_ps;
     let counts: Vec<usize> = ds.trajectories.iter().map(|t| t.frames()).collect();
@@ -626,13 +640,21 @@ pub fn analyze_with(
         mfpt,
         state_counts,
         ck_test: ck,
-        figures,
+        // Where they will be once the folder is in place.
+        figures: figures
+            .into_iter()
+            .map(|f| match f.strip_prefix(&out_dir) {
+                Ok(rel) => final_dir.join(rel),
+                Err(_) => f,
+            })
+            .collect(),
     };
     crate::optim::write_atomic(
         &out_dir.join("analysis.json"),
         &serde_json::to_vec_pretty(&summary)?,
     )?;
     write_index(&out_dir)?;
+    output.commit()?;
     Ok(summary)
 }
 

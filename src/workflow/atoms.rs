@@ -437,16 +437,25 @@ pub fn featurize(args: &FeaturizeArgs, device: &Device) -> Result<()> {
         AtomInputs::new(&ds, device).with_context(|| format!("--data {}", args.data.display()))?;
     let (r, h) = (inputs.tokens(), model.hidden());
     let total: usize = ds.trajectories.iter().map(|t| t.frames()).sum();
+    let frame_bytes = (r * 4 * h * args.dtype.size()) as u64;
+    // Said before anything is written: features of long trajectories are large (8,000 frames
+    // of 214 tokens at H = 32 are 0.9 GB in f32).
+    let out_bytes = total as u64 * (frame_bytes + (r * 3 * 4) as u64);
     eprintln!(
         "featurize: {total} frames of {} atoms -> {r} tokens x 4 x {h} ({}), {batch} frames per \
-         batch on {}, with {what}",
+         batch on {}, with {what}; {:.1} MB to write{}",
         inputs.atoms(),
         args.dtype,
-        device.name()
+        device.name(),
+        out_bytes as f64 / 1e6,
+        if args.dtype == FeatureDtype::F32 {
+            " (--dtype f16 halves the features)"
+        } else {
+            ""
+        }
     );
     let mut progress = Progress::new("featurize", Some(total), "frames", true);
     let mut done = 0usize;
-    let frame_bytes = (r * 4 * h * args.dtype.size()) as u64;
     match args.format {
         FeatureFormat::Store => {
             let settings = FeatureSettings {
@@ -520,9 +529,20 @@ pub struct PretrainArgs {
     /// Epochs in all (a resumed run continues up to this many).
     #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
     pub epochs: u64,
-    /// Frames per step [default: 8].
+    /// Frames per step [default: as many as fit 16,384 atoms, at most 8].
     #[arg(long, allow_negative_numbers = true)]
     pub batch: Option<usize>,
+    /// Use every Nth frame of each trajectory (training and validation) [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub stride: Option<usize>,
+    /// At most this many training frames, evenly spaced over the (strided) data; validation
+    /// frames are thinned in proportion [default: all].
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_frames: Option<usize>,
+    /// Stop after this many optimiser steps in all (the epoch in progress ends there, is
+    /// checkpointed, and the model is written) [default: no limit].
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_steps: Option<u64>,
     /// Learning rate of AdamW [default: 5e-4].
     #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
@@ -559,23 +579,53 @@ struct PretrainSettings {
     clip_norm: Option<f64>,
     seed: u64,
     val_fraction: f64,
+    /// Every stride-th frame (1 in runs written before the flag existed).
+    #[serde(default = "one")]
+    stride: usize,
+    /// At most this many training frames.
+    #[serde(default)]
+    max_frames: Option<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Atoms per pretraining batch the default batch aims at: frames of a large system are big
+/// (memory grows with atoms x neighbours), so they come fewer per step.
+pub const PRETRAIN_BATCH_ATOMS: usize = 16_384;
+
+/// The default batch for `atoms` atoms a frame: as many frames as fit
+/// [`PRETRAIN_BATCH_ATOMS`], at least 1 and at most 8.
+pub fn default_pretrain_batch(atoms: usize) -> usize {
+    (PRETRAIN_BATCH_ATOMS / atoms.max(1)).clamp(1, 8)
 }
 
 impl PretrainSettings {
-    fn from_args(a: &PretrainArgs) -> Self {
+    /// The settings of a new run; `atoms` sets the default batch, `model_seed` the default seed
+    /// (a seed in the model's configuration file wins over the flag's default; only an explicit
+    /// `--seed` overrides it).
+    fn from_args(a: &PretrainArgs, atoms: usize, model_seed: u64) -> Self {
         Self {
-            batch: a.batch.unwrap_or(8),
+            stride: a.stride.unwrap_or(1),
+            max_frames: a.max_frames,
+            batch: a.batch.unwrap_or_else(|| default_pretrain_batch(atoms)),
             lr: a.lr.unwrap_or(5e-4),
             weight_decay: a.weight_decay.unwrap_or(1e-2),
             sigma: a.sigma.unwrap_or(0.2),
             clip_norm: a.clip_norm,
-            seed: a.seed.unwrap_or(0),
+            seed: a.seed.unwrap_or(model_seed),
             val_fraction: a.val_fraction.unwrap_or(0.2),
         }
     }
 
     fn validate(&self) -> Result<()> {
         ensure!(self.batch > 0, "--batch must be at least 1 frame");
+        ensure!(self.stride > 0, "--stride must be at least 1 frame");
+        ensure!(
+            self.max_frames != Some(0),
+            "--max-frames must be at least 1 frame"
+        );
         ensure!(
             self.lr.is_finite() && self.lr > 0.0,
             "--lr {} must be positive",
@@ -635,6 +685,16 @@ impl PretrainSettings {
         if let Some(x) = a.val_fraction.filter(|&x| x != self.val_fraction) {
             clash("val-fraction", x.to_string(), self.val_fraction.to_string())?;
         }
+        if let Some(x) = a.stride.filter(|&x| x != self.stride) {
+            clash("stride", x.to_string(), self.stride.to_string())?;
+        }
+        if a.max_frames.is_some() && a.max_frames != self.max_frames {
+            clash(
+                "max-frames",
+                format!("{:?}", a.max_frames),
+                format!("{:?}", self.max_frames),
+            )?;
+        }
         Ok(())
     }
 }
@@ -670,7 +730,8 @@ fn denoise_step(
     let mut noisy = Vec::with_capacity(b * a * 3);
     let mut eps = vec![0f32; b * a * 3];
     for (k, &(t, i)) in frames.iter().enumerate() {
-        let x = ds.trajectories[t].frame(i);
+        // Checked: a corrupt stored frame is an error naming file, frame and atom, not a NaN loss.
+        let x = ds.checked_frame(t, i)?;
         for j in 0..a {
             for c in 0..3 {
                 let e = if heavy[j] { rng.normal() } else { 0.0 };
@@ -712,6 +773,14 @@ fn denoise_step(
         tape.backward(pred, seed)?;
     }
     Ok(loss)
+}
+
+/// `k` of `items`, evenly spaced from the first (all of them when `k` is at least their count).
+fn evenly_spaced<T: Copy>(items: &[T], k: usize) -> Vec<T> {
+    if k >= items.len() {
+        return items.to_vec();
+    }
+    (0..k).map(|i| items[i * items.len() / k]).collect()
 }
 
 /// Rewrites `path` keeping the JSON lines whose `epoch` is at most `epoch` (a resumed run
@@ -787,11 +856,9 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
         crate::output::check_in_place(&args.out, OutputKind::PretrainRun, &reads)
             .with_context(|| format!("--out {}", args.out.display()))?;
     }
-    let settings = match &resumed {
-        Some((_, _, _, s)) => s.clone(),
-        None => PretrainSettings::from_args(args),
-    };
-    settings.validate()?;
+    if let Some(0) = args.max_steps {
+        bail!("--max-steps must be at least 1 step");
+    }
     let (model, ps, what) = match &resumed {
         Some((_, epoch, config, _)) => {
             let (m, ps) = AtomModel::create(config.clone(), device)?;
@@ -815,15 +882,27 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
         "--data {}: the dataset has no heavy atoms to perturb",
         args.data.display()
     );
+    let settings = match &resumed {
+        Some((_, _, _, s)) => s.clone(),
+        None => PretrainSettings::from_args(args, inputs.atoms(), model.config().backbone.seed),
+    };
+    settings.validate()?;
 
-    // The split by time: the last val_fraction of each trajectory is held out.
+    // The split by time: the last val_fraction of each (strided) trajectory is held out.
     let mut train = Vec::new();
     let mut val = Vec::new();
     for (t, traj) in ds.trajectories.iter().enumerate() {
-        let n = traj.frames();
+        let frames: Vec<usize> = (0..traj.frames()).step_by(settings.stride).collect();
+        let n = frames.len();
         let nv = ((n as f64 * settings.val_fraction).round() as usize).min(n.saturating_sub(1));
-        train.extend((0..n - nv).map(|i| (t, i)));
-        val.extend((n - nv..n).map(|i| (t, i)));
+        train.extend(frames[..n - nv].iter().map(|&i| (t, i)));
+        val.extend(frames[n - nv..].iter().map(|&i| (t, i)));
+    }
+    if let Some(max) = settings.max_frames {
+        // Evenly spaced subsets keep the whole time range; validation shrinks in proportion.
+        let keep_val = (val.len() as f64 * max as f64 / train.len().max(1) as f64).ceil() as usize;
+        train = evenly_spaced(&train, max);
+        val = evenly_spaced(&val, keep_val);
     }
     ensure!(
         !train.is_empty(),
@@ -858,19 +937,36 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
     std::fs::write(args.out.join("model.toml"), model.config().to_toml()?)
         .with_context(|| format!("--out {}: cannot write model.toml", args.out.display()))?;
     eprintln!(
-        "pretrain: {} training and {} validation frames of {} atoms on {}, {what}; sigma {} A, \
-         batch {}, AdamW lr {} weight decay {}{}",
+        "pretrain: {} training and {} validation frames{} of {} atoms on {}, {what}; sigma {} A, \
+         batch {} frames ({} atoms{}), AdamW lr {} weight decay {}{}{}",
         train.len(),
         val.len(),
+        match (settings.stride, settings.max_frames) {
+            (1, None) => String::new(),
+            (s, m) => format!(
+                " (stride {s}{})",
+                m.map(|m| format!(", at most {m} for training"))
+                    .unwrap_or_default()
+            ),
+        },
         inputs.atoms(),
         device.name(),
         settings.sigma,
         settings.batch,
+        settings.batch * inputs.atoms(),
+        if args.batch.is_none() && resumed.is_none() {
+            format!("; --batch to choose, the default fits {PRETRAIN_BATCH_ATOMS} atoms")
+        } else {
+            String::new()
+        },
         settings.lr,
         settings.weight_decay,
         settings
             .clip_norm
             .map(|c| format!(", clip norm {c}"))
+            .unwrap_or_default(),
+        args.max_steps
+            .map(|m| format!(", at most {m} steps"))
             .unwrap_or_default()
     );
     if first_epoch > args.epochs {
@@ -898,8 +994,11 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
             true,
         );
         let (mut sum, mut grad_norm) = (0f64, 0f64);
-        let steps = order.len().div_ceil(settings.batch);
+        let (mut steps, mut seen) = (0usize, 0usize);
         for (step, chunk) in order.chunks(settings.batch).enumerate() {
+            if args.max_steps.is_some_and(|m| opt.steps() >= m) {
+                break;
+            }
             let seed = stream_seed(settings.seed, STREAM_NOISE, epoch, step as u64);
             tape.params_mut().zero_grads()?;
             let loss = denoise_step(
@@ -920,10 +1019,16 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
             };
             sum += loss * chunk.len() as f64;
             grad_norm += report.grad_norm;
+            steps += 1;
+            seen += chunk.len();
             progress.set((step * settings.batch + chunk.len()).min(order.len()), 0);
         }
         tape.reset();
-        let train_loss = sum / order.len() as f64;
+        if steps == 0 {
+            // --max-steps was reached by a resumed run before this epoch.
+            break;
+        }
+        let train_loss = sum / seen as f64;
         let train_secs = t0.elapsed().as_secs_f64();
         let val_loss = if val.is_empty() {
             None
@@ -945,7 +1050,7 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
             tape.reset();
             Some(s / val.len() as f64)
         };
-        let fps = order.len() as f64 / train_secs.max(1e-9);
+        let fps = seen as f64 / train_secs.max(1e-9);
         let state = serde_json::json!({
             "kind": "hiermd.pretrain",
             "epoch": epoch,
@@ -987,6 +1092,10 @@ pub fn pretrain(args: &PretrainArgs, device: &Device) -> Result<()> {
             val_loss.map_or("-".to_string(), |v| format!("{v:.5}")),
             t0.elapsed().as_secs_f64()
         );
+        if let Some(m) = args.max_steps.filter(|&m| opt.steps() >= m) {
+            eprintln!("pretrain: stopped after {m} steps (--max-steps), in epoch {epoch}");
+            break;
+        }
     }
     let out = args.out.join("model.safetensors");
     model.save(tape.params(), &out)?;

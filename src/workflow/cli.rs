@@ -1,11 +1,13 @@
 //! Command-line arguments of `train`, `analyze` and `transform`. Named flags cover the common
 //! options; `--set section.field=value` reaches every field of the run configuration.
 
-use super::analyze::{analyze as run_analyze, AnalyzeOptions};
+use super::analyze::{analyze_with, AnalyzeOptions};
 use super::config::RunConfig;
 use super::train::{train as run_train, TrainOptions};
+use crate::analysis::checks::CheckOptions;
+use crate::analysis::states::StateOptions;
 use crate::{Device, DeviceSpec};
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::path::PathBuf;
 
 /// `hiermd train`. Numeric flags take negative numbers as values (`--lr -1`), so that the
@@ -190,9 +192,23 @@ pub struct AnalyzeArgs {
     /// Steps of the Chapman-Kolmogorov test.
     #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
     pub ck_steps: usize,
-    /// VAMP runs: states by k-means on the outputs instead of their argmax.
+    /// VAMP runs: states by k-means on the VAMP singular functions, never the outputs' argmax.
     #[arg(long)]
     pub kmeans_states: bool,
+    /// Number of k-means states (default: from the gap in the VAMP singular values).
+    #[arg(long, allow_negative_numbers = true)]
+    pub states: Option<usize>,
+    /// Smallest fraction of all frames every occupied state must hold (a check: a smaller state
+    /// gives a WARNING and, for the argmax, the k-means instead).
+    #[arg(long, default_value_t = 0.02, allow_negative_numbers = true)]
+    pub min_state_fraction: f64,
+    /// Largest ratio, either way round, between the MSM's slowest implied timescale and the
+    /// VAMP singular-value timescale at the analysis lag (a check, as above).
+    #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
+    pub timescale_factor: f64,
+    /// Seed of the k-means (default: the run's training seed).
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// Runs `hiermd analyze`.
@@ -205,21 +221,44 @@ pub fn analyze(args: &AnalyzeArgs, device: &Device) -> Result<()> {
         progress: true,
         kmeans_states: args.kmeans_states,
     };
-    let s = run_analyze(&args.run, device, &opts)?;
+    ensure!(
+        args.states.is_none_or(|k| (2..=100).contains(&k)),
+        "--states {}: between 2 and 100 states",
+        args.states.unwrap_or(0)
+    );
+    ensure!(
+        (0.0..0.5).contains(&args.min_state_fraction),
+        "--min-state-fraction {}: a fraction in [0, 0.5)",
+        args.min_state_fraction
+    );
+    ensure!(
+        args.timescale_factor >= 1.0 && args.timescale_factor.is_finite(),
+        "--timescale-factor {}: a finite factor of at least 1",
+        args.timescale_factor
+    );
+    let states = StateOptions {
+        states: args.states,
+        seed: args.seed,
+        checks: CheckOptions {
+            min_state_fraction: args.min_state_fraction,
+            timescale_factor: args.timescale_factor,
+            ..CheckOptions::default()
+        },
+        ..StateOptions::default()
+    };
+    let s = analyze_with(&args.run, device, &opts, &states)?;
     let last = s
         .validation_vamp2
         .iter()
         .zip(&s.lags)
         .find(|(_, &l)| l == s.lag_frames);
+    // The headline gives both timescales (MSM and singular values) and the checks' verdict,
+    // never a lone number from a partition that may be degenerate.
+    println!("{}", s.headline());
     println!(
-        "{} run {}: lag {} frames, validation VAMP-2 {}, slowest implied timescale {:.1} {} ({} states); {} figures in {}",
-        s.objective,
+        "run {}: validation VAMP-2 {} at the training lag; {} figures (SVG and PNG) and index.html in {}",
         s.run.display(),
-        s.lag_frames,
         last.map_or("n/a".to_string(), |(v, _)| format!("{v:.4}")),
-        s.slowest_timescale,
-        s.timescale_unit,
-        s.msm.states.len(),
         s.figures.len(),
         args.out
             .clone()

@@ -158,18 +158,16 @@ impl Network {
                 let mut pos = Vec::with_capacity(n * a * 3);
                 let mut cells = Vec::new();
                 for &(t, i) in frames {
-                    let traj = self.ds.trajectories.get(t).with_context(|| {
-                        format!("encode: trajectory {t} of {}", self.ds.trajectories.len())
-                    })?;
-                    ensure!(
-                        i < traj.frames(),
-                        "encode: frame {i} of trajectory {t}, which has {}",
-                        traj.frames()
-                    );
+                    // Checked (range, finite, plausible): a corrupt stored frame is an error
+                    // naming the file, frame and atom rather than a NaN in training.
+                    let x = self
+                        .ds
+                        .checked_frame(t, i)
+                        .with_context(|| format!("encode: frame {i} of trajectory {t}"))?;
+                    let traj = &self.ds.trajectories[t];
                     match atoms {
-                        None => pos.extend_from_slice(traj.frame(i)),
+                        None => pos.extend_from_slice(x),
                         Some(sel) => {
-                            let x = traj.frame(i);
                             for &j in sel {
                                 pos.extend_from_slice(&x[3 * j..3 * j + 3]);
                             }
