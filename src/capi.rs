@@ -340,8 +340,9 @@ pub unsafe extern "C" fn hiermd_model_load(
 }
 
 /// As [`hiermd_model_load`] with the atoms given as arrays instead of read from the run's
-/// dataset: `atomic_numbers[n_atoms]` (1..99), `token_of_atom[n_atoms]` (0..n_tokens-1, or -1 to
-/// leave an atom out of the merge) and `ca_atom[n_tokens]` (the atom whose position is the
+/// dataset: `atomic_numbers[n_atoms]` (1..99; 0 for an atom of unknown element such as a
+/// virtual site, allowed only where its token is -1), `token_of_atom[n_atoms]` (0..n_tokens-1, or
+/// -1 to leave an atom out of the merge) and `ca_atom[n_tokens]` (the atom whose position is the
 /// token's C-alpha position, or -1 for the centroid of its heavy atoms). The atoms must be those
 /// the run was trained on, in the same order.
 ///

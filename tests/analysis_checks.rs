@@ -11,7 +11,8 @@
 use hiermd::analysis::checks::{check_states, singular_value_timescale, CheckOptions};
 use hiermd::analysis::msm::{implied_timescales_lenient, Msm};
 use hiermd::analysis::states::{
-    argmax_states, assign_vamp_states, fit_vamp, states_from_gap, StateOptions,
+    argmax_states, assign_checked_states, assign_vamp_states, fit_vamp, states_from_gap,
+    StateOptions,
 };
 use hiermd::objectives::vamp::VampOptions;
 use hiermd::plot::{self, LinePlot, ScatterPlot, Series};
@@ -159,6 +160,48 @@ fn the_7997_to_3_argmax_warns_and_kmeans_on_the_singular_functions_recovers_the_
     .unwrap();
     assert_eq!((a3.method.as_str(), a3.n_states), ("kmeans", 3));
     assert!(a3.rejected.is_empty());
+}
+
+#[test]
+fn a_degenerate_spib_decoder_partition_falls_back_to_kmeans_on_z() {
+    // SPIB's case: a 2-d latent z that separates the hidden states (its first coordinate), and
+    // a decoder whose 6 states put all frames but 3 in one. The decoder's states are rejected
+    // and k-means on the kinetic map of z recovers the hidden states.
+    let mut rng = Rng::new(23);
+    let truth = chain(&mut rng, 8000, 69.0 / 8000.0);
+    let z: Vec<f64> = truth
+        .iter()
+        .flat_map(|&s| {
+            let c = if s == 0 { -1.0 } else { 1.0 };
+            [c + 0.4 * rng.normal(), 0.5 * rng.normal()]
+        })
+        .collect();
+    let mut decoder: Vec<u32> = vec![4; truth.len()];
+    for f in [100, 4000, 7000] {
+        decoder[f] = 1;
+    }
+    let z = vec![z];
+    let lag = 10;
+    let model = fit_vamp(&z, 2, lag, &VampOptions::default()).unwrap();
+    let a = assign_checked_states(
+        Some((vec![decoder], 6)),
+        &z,
+        2,
+        lag,
+        &model,
+        &StateOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(a.method, "kmeans");
+    assert_eq!(a.rejected.len(), 1);
+    assert!(!a.rejected[0].consistency.passed());
+    assert_eq!(a.n_states, 2, "the singular-value gap: one slow process");
+    let agree = agreement(&a.states[0], &truth);
+    assert!(
+        agree > 0.9,
+        "k-means on z agrees with the truth on {agree:.3}"
+    );
+    assert!(a.consistency.passed(), "{:?}", a.consistency);
 }
 
 #[test]

@@ -964,28 +964,20 @@ fn demo_never_replaces_a_foreign_folder() {
     std::fs::create_dir_all(mine.join("data")).unwrap();
     std::fs::write(mine.join("data/run1.dcd"), "my trajectory").unwrap();
     std::fs::write(mine.join("notes.txt"), "keep me").unwrap();
-    let before = snapshot(&mine);
-    fails(
-        &hiermd(&[
+    let demo = || {
+        hiermd(&[
             "demo".as_ref(),
             "--quick".as_ref(),
             "--out".as_ref(),
             mine.as_os_str(),
-        ]),
-        &["not a hiermd demo folder"],
-    );
+        ])
+    };
+    let before = snapshot(&mine);
+    fails(&demo(), &["not a hiermd demo folder"]);
     assert_eq!(snapshot(&mine), before, "the user's folder is intact");
     std::fs::remove_file(mine.join("notes.txt")).unwrap();
     let before = snapshot(&mine);
-    fails(
-        &hiermd(&[
-            "demo".as_ref(),
-            "--quick".as_ref(),
-            "--out".as_ref(),
-            mine.as_os_str(),
-        ]),
-        &["not a hiermd demo folder"],
-    );
+    fails(&demo(), &["not a hiermd demo folder"]);
     assert_eq!(
         snapshot(&mine),
         before,

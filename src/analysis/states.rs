@@ -189,6 +189,23 @@ pub fn assign_vamp_states(
     model: &VampModel,
     opts: &StateOptions,
 ) -> Result<StateAssignment> {
+    let candidate = (!opts.force_kmeans).then(|| (argmax_states(outputs, k), k));
+    assign_checked_states(candidate, outputs, k, lag, model, opts)
+}
+
+/// Assigns states given a candidate partition `(states [traj][frame], number of states)` (a
+/// VAMPnet's argmax, a SPIB decoder's states): the candidate when it passes every check, else
+/// seeded k-means on the kinetic map of `model`, a VAMP model at `lag` of the rows
+/// `[traj][frame * k + j]` (outputs, or SPIB's latent z). `None`: k-means only. The candidate is
+/// reported as method "argmax".
+pub fn assign_checked_states(
+    candidate: Option<(Vec<Vec<u32>>, usize)>,
+    outputs: &[Vec<f64>],
+    k: usize,
+    lag: usize,
+    model: &VampModel,
+    opts: &StateOptions,
+) -> Result<StateAssignment> {
     ensure!(k > 0, "states: no outputs");
     for (t, rows) in outputs.iter().enumerate() {
         ensure!(
@@ -201,14 +218,13 @@ pub fn assign_vamp_states(
     let t_sv = singular_value_timescale(sv.first().copied().unwrap_or(f64::NAN), lag);
     let gap_states = states_from_gap(&sv, opts.max_states);
     let mut rejected = Vec::new();
-    if !opts.force_kmeans {
-        let states = argmax_states(outputs, k);
-        let consistency = check_states(&states, k, lag, t_sv, &opts.checks);
+    if let Some((states, n)) = candidate {
+        let consistency = check_states(&states, n, lag, t_sv, &opts.checks);
         if consistency.passed() {
             return Ok(StateAssignment {
                 method: "argmax".into(),
                 states,
-                n_states: k,
+                n_states: n,
                 gap_states,
                 singular_values: sv,
                 consistency,

@@ -14,9 +14,11 @@
 
 use super::config::{ObjectiveKind, SplitKind};
 use super::run::{files, Run};
-use crate::analysis::checks::{check_states, singular_value_timescale, Consistency};
+use crate::analysis::checks::{check_states, Consistency};
 use crate::analysis::msm::{ck_test, implied_timescales_lenient, Msm};
-use crate::analysis::states::{assign_vamp_states, fit_vamp, Rejected, StateOptions};
+use crate::analysis::states::{
+    assign_checked_states, assign_vamp_states, fit_vamp, Rejected, StateOptions,
+};
 use crate::model::token_labels;
 use crate::objectives::vamp::{vamp_score, VampModel, VampOptions, VampScore};
 use crate::output::{DirOutput, OutputKind};
@@ -247,19 +249,37 @@ pub fn analyze_with(
                         .collect()
                 })
                 .collect();
-            let sv: Vec<f64> = fit_vamp(&z, d, lag, &vopts)
-                .map(|m| m.singular_values().to_vec())
-                .unwrap_or_default();
-            let t_sv = singular_value_timescale(sv.first().copied().unwrap_or(f64::NAN), lag);
-            let consistency = check_states(&st, k, lag, t_sv, &sopts.checks);
-            crate::analysis::states::StateAssignment {
-                method: "argmax".into(),
-                states: st,
-                n_states: k,
-                gap_states: crate::analysis::states::states_from_gap(&sv, sopts.max_states),
-                singular_values: sv,
-                consistency,
-                rejected: Vec::new(),
+            match fit_vamp(&z, d, lag, &vopts) {
+                // The decoder's states when they pass the checks, else k-means on the kinetic
+                // map of z, as for a VAMPnet's outputs.
+                Ok(model) => {
+                    let candidate = (!sopts.force_kmeans).then_some((st, k));
+                    let asg = assign_checked_states(candidate, &z, d, lag, &model, &sopts)?;
+                    if opts.progress {
+                        for r in &asg.rejected {
+                            eprintln!(
+                                "analyze: the SPIB decoder's states fail the checks ({}); states by k-means on the VAMP singular functions of z instead ({} states)",
+                                r.consistency.failed_names(),
+                                asg.n_states
+                            );
+                        }
+                    }
+                    asg
+                }
+                // No VAMP model of z (too few frames): the decoder's states, checked against
+                // an unknown timescale.
+                Err(_) => {
+                    let consistency = check_states(&st, k, lag, f64::NAN, &sopts.checks);
+                    crate::analysis::states::StateAssignment {
+                        method: "argmax".into(),
+                        states: st,
+                        n_states: k,
+                        gap_states: 1,
+                        singular_values: Vec::new(),
+                        consistency,
+                        rejected: Vec::new(),
+                    }
+                }
             }
         }
     };
