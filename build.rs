@@ -37,8 +37,14 @@ fn main() {
         // `#pragma unroll` is nvcc's; the host compiler only needs to ignore it.
         .flag_if_supported("-Wno-unknown-pragmas")
         .warnings_into_errors(true);
+    // The test-only modules' host (emu) code is compiled only with the `test-kernels` feature,
+    // like their PTX (module_table): 2.7 MB the release binary does not need.
+    let test_kernels = std::env::var_os("CARGO_FEATURE_TEST_KERNELS").is_some();
     for src in &sources {
-        build.file(src);
+        let stem = src.file_stem().unwrap().to_str().unwrap();
+        if test_kernels || !TEST_ONLY_MODULES.contains(&stem) {
+            build.file(src);
+        }
         module_table(&root, src, &mut table);
     }
     if !sources.is_empty() {
@@ -139,14 +145,19 @@ fn module_table(root: &Path, src: &Path, table: &mut String) {
     )
     .unwrap();
     for k in &kernels {
+        let emu = if embed {
+            writeln!(
+                table,
+                "    unsafe extern \"C\" {{ fn hiermd_emu_launch_{k}(grid: *const u32, block: *const u32, shared_bytes: u32, args: *mut *mut core::ffi::c_void, seed: u64) -> i32; }}"
+            )
+            .unwrap();
+            format!("hiermd_emu_launch_{k}")
+        } else {
+            "crate::launch::emu_not_built".to_string()
+        };
         writeln!(
             table,
-            "    unsafe extern \"C\" {{ fn hiermd_emu_launch_{k}(grid: *const u32, block: *const u32, shared_bytes: u32, args: *mut *mut core::ffi::c_void, seed: u64) -> i32; }}"
-        )
-        .unwrap();
-        writeln!(
-            table,
-            "    /// `{k}` in `cuda/{stem}.cu`.\n    pub static {}: crate::launch::Kernel = crate::launch::Kernel {{ module: &MODULE, name: {k:?}, emu: hiermd_emu_launch_{k} }};",
+            "    /// `{k}` in `cuda/{stem}.cu`.\n    pub static {}: crate::launch::Kernel = crate::launch::Kernel {{ module: &MODULE, name: {k:?}, emu: {emu} }};",
             k.to_uppercase()
         )
         .unwrap();

@@ -43,6 +43,22 @@ pub fn last_launched() -> Option<&'static str> {
 pub type EmuLauncher =
     unsafe extern "C" fn(*const u32, *const u32, u32, *mut *mut c_void, u64) -> i32;
 
+/// The emu launcher of a test-only kernel (see [`Module::test_only`]) in a build without the
+/// `test-kernels` feature, whose host code is not compiled in (it would add ~2.7 MB to the
+/// binary for kernels only the tests launch). [`launch`] refuses such a kernel before calling it.
+///
+/// # Safety
+/// Never dereferences its arguments.
+pub unsafe extern "C" fn emu_not_built(
+    _grid: *const u32,
+    _block: *const u32,
+    _shared_bytes: u32,
+    _args: *mut *mut c_void,
+    _seed: u64,
+) -> i32 {
+    1
+}
+
 /// A PTX module: one `cuda/*.cu` file, built for sm_80 and sm_90, stored deflated (build.rs).
 pub struct Module {
     /// File stem (`elementwise` for `cuda/elementwise.cu`).
@@ -195,6 +211,11 @@ pub fn launch(dev: &Device, kernel: &Kernel, cfg: LaunchConfig, args: KernelArgs
     match dev {
         Device::Cpu => bail!(
             "kernel {} launched on the cpu device: cpu ops run their Rust twin",
+            kernel.name
+        ),
+        Device::Emu(_) if kernel.module.test_only && !cfg!(feature = "test-kernels") => bail!(
+            "kernel {} is a test-only kernel, not in this build (build with the `test-kernels` \
+             feature)",
             kernel.name
         ),
         Device::Emu(emu) => {
