@@ -29,6 +29,10 @@ use std::sync::Arc;
 /// Training steps.
 const STEPS: usize = 10;
 
+/// Largest relative L2 error, per parameter tensor, of the device's displacement of the
+/// parameters after [`STEPS`] steps against the cpu's (see `check`).
+const DISPLACEMENT_REL_L2: f64 = 1e-1;
+
 /// `training`: (a) the token model, (b) the atom + token model end to end.
 pub(super) fn training(ctx: &mut Ctx) -> Result<()> {
     let token = TokenData::new(ctx)?;
@@ -116,9 +120,8 @@ fn zero_in_exact_arithmetic(name: &str) -> bool {
 
 /// Trains `setup` twice on the device (bit-identical) and, off cpu, once on cpu: the losses
 /// within the cross-device tolerance of tests/token_model.rs for outputs (1e-4 + 1e-3 |x|), the
-/// parameters' displacements from their common start within its tolerance for gradients
-/// (2e-4 + 2e-3 |x|: Adam normalises each gradient, so a gradient's relative error carries over
-/// to its step; 2e-4 is a fiftieth of the ten steps of lr 1e-3 a parameter may take).
+/// parameters' displacements from their common start within [`DISPLACEMENT_REL_L2`] relative L2
+/// per tensor (not element by element: see the comment there).
 fn check(ctx: &mut Ctx, name: &str, setup: &dyn Setup) -> Result<()> {
     let (a, secs) = ctx.timed(|d| train(setup, d))?;
     let (b, secs_b) = ctx.timed(|d| train(setup, d))?;
@@ -159,17 +162,43 @@ fn check(ctx: &mut Ctx, name: &str, setup: &dyn Setup) -> Result<()> {
         Tol::new(1e-4, 1e-3),
         secs,
     );
-    let disp = |t: &Trained| -> Vec<f64> {
-        let kept = t.params.iter().zip(&init).zip(&names);
-        kept.filter(|(_, n)| !zero_in_exact_arithmetic(n))
-            .flat_map(|((p, p0), _)| p.iter().zip(p0).map(|(&x, &y)| x as f64 - y as f64))
-            .collect()
-    };
+    // Per tensor, the relative L2 error of the displacement: Adam normalises each gradient, so
+    // an element whose gradient nearly cancels (rounding noise as large as the value) takes
+    // steps of about lr whose size and sign depend on that noise, and differs between devices
+    // by up to 2 lr a step however right both are (seen: an element of the vector merge weight
+    // at 1.4e-3 against 2.1e-3, that tensor's relative L2 error 1.7e-2, the worst in the seed
+    // sweep of 36 seeds; 2 of 10 seeds near 1.5e-2). Such elements are few; a wrong kernel
+    // moves a whole tensor (or a tile of it) off by O(1), which 0.1 still catches; each
+    // kernel's own accuracy is checked element by element in its family.
+    let mut ratios = Vec::new();
+    let mut worst = (0.0f64, String::new());
+    for (((p_dev, p_cpu), p0), n) in a.params.iter().zip(&cpu.params).zip(&init).zip(&names) {
+        if zero_in_exact_arithmetic(n) {
+            continue;
+        }
+        let (mut err, mut norm) = (0.0f64, 0.0f64);
+        for ((&x, &y), &z) in p_dev.iter().zip(p_cpu).zip(p0) {
+            let (d, c) = (x as f64 - z as f64, y as f64 - z as f64);
+            err += (d - c) * (d - c);
+            norm += c * c;
+        }
+        let r = err.sqrt() / norm.sqrt().max(1e-12);
+        if std::env::var_os("HIERMD_DEBUG_DISP").is_some() {
+            eprintln!("DISP {n}: relative L2 {r:.3e} over {}", p_cpu.len());
+        }
+        if r > worst.0 || r.is_nan() {
+            worst = (r, n.clone());
+        }
+        ratios.push(r);
+    }
     ctx.compare(
-        format!("{name}: parameters' displacement vs cpu"),
-        &disp(&a),
-        &disp(&cpu),
-        Tol::new(2e-4, 2e-3),
+        format!(
+            "{name}: parameters' displacement vs cpu, relative L2 per tensor (worst {})",
+            worst.1
+        ),
+        &ratios,
+        &vec![0.0; ratios.len()],
+        Tol::abs(DISPLACEMENT_REL_L2),
         secs,
     );
     Ok(())
